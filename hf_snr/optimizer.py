@@ -1,0 +1,630 @@
+"""SNRAdamW: AdamW with a per-coordinate signal-to-noise gate ("population-risk training").
+
+The math (see ALGORITHM.md in the project's shared notes, Litman & Guo 2026, arXiv 2605.01172):
+
+    p <- p * (1 - lr * weight_decay)                 decoupled decay, never masked
+    d  = g - m                                       m: the previous, uncorrected first moment
+    s <- rho * s + (1 - rho) * d^2                   variance EMA: the one extra state tensor
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g^2
+    mu^2 = (m / (1 - beta1^t))^2 ; sigma^2 = s / (1 - rho^t)
+    q = mask(mu^2, sigma^2) in [0, 1]
+    p <- p - lr * q * m_hat / (sqrt(v_hat) + eps)
+
+This module imports only torch. It holds two implementations of the same math, as torch.optim
+does: ``_single_tensor_*`` (a plain per-tensor loop that reads like the equations and serves as
+the test oracle) and ``_multi_tensor_*`` (``torch._foreach_*`` kernels), chosen by ``foreach``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+try:  # DTensor (FSDP2) support; optional so that older torch builds still import us.
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Shard
+except Exception:  # pragma: no cover
+    DTensor = None
+    Shard = None
+
+__all__ = ["SNRAdamW", "MASKS", "REDUCTIONS", "NONFINITE_POLICIES", "DEFAULT_WARMUP_STEPS"]
+
+MASKS = ("snr", "soft", "hard")
+REDUCTIONS = ("element", "tensor")
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+# At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
+# start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
+# uncorrected m, not gradient noise, until m has warmed up: that takes about 1 / (1 - beta1) = 10
+# steps at the default beta1 = 0.9. We keep the gate open (q = 1, plain AdamW) for those steps.
+DEFAULT_WARMUP_STEPS = 10
+
+# Largest finite fp32 value: softness * alpha is clamped to it so that (huge) * 0 stays 0, not nan.
+_FP32_MAX = torch.finfo(torch.float32).max
+# Guard for 0/0 in the mask (a coordinate with mu^2 = sigma^2 = 0 gets q = 0; its step is 0 anyway).
+_TINY = torch.finfo(torch.float32).tiny
+
+_STAT_KEYS = ("mask_sum", "mask_count", "active_count", "signal", "noise")
+
+
+def _validate_hparams(hp: dict[str, Any], where: str = "") -> None:
+    """Check every hyperparameter; the message names the bad value and the accepted range."""
+    loc = f" in {where}" if where else ""
+
+    def bad(msg: str) -> None:
+        raise ValueError(msg + loc)
+
+    lr = hp["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            bad(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+        bad(f"Invalid learning rate: {hp['lr']!r} (accepted: a finite number >= 0)")
+    betas = hp["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        bad(f"Invalid betas: {betas!r} (accepted: a pair (beta1, beta2), each in [0, 1))")
+    for i, b in enumerate(betas):
+        if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
+            bad(f"Invalid beta parameter at index {i}: {b!r} (accepted: [0, 1))")
+    eps = hp["eps"]
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0.0):
+        bad(f"Invalid epsilon value: {eps!r} (accepted: a finite number > 0)")
+    wd = hp["weight_decay"]
+    if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0):
+        bad(f"Invalid weight_decay value: {wd!r} (accepted: a finite number >= 0)")
+    rho = hp["rho"]
+    if not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
+        bad(f"Invalid rho value: {rho!r} (accepted: [0, 1))")
+    if hp["mask"] not in MASKS:
+        bad(f"Invalid mask: {hp['mask']!r} (accepted: one of {', '.join(MASKS)})")
+    sf = hp["softness"]
+    if not (isinstance(sf, (int, float)) and math.isfinite(sf) and sf >= 0.0):
+        bad(f"Invalid softness value: {sf!r} (accepted: a finite number >= 0)")
+    alpha = hp["alpha"]
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0.0):
+        bad(f"Invalid alpha value: {alpha!r} (accepted: a finite number >= 0)")
+    if hp["reduction"] not in REDUCTIONS:
+        bad(f"Invalid reduction: {hp['reduction']!r} (accepted: one of {', '.join(REDUCTIONS)})")
+    ws = hp["warmup_steps"]
+    if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
+        bad(f"Invalid warmup_steps value: {ws!r} (accepted: an integer >= 0)")
+    if not isinstance(hp["snr"], bool):
+        bad(f"Invalid snr value: {hp['snr']!r} (accepted: True or False)")
+    if hp["foreach"] not in (None, True, False):
+        bad(f"Invalid foreach value: {hp['foreach']!r} (accepted: None, True or False)")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor (FSDP2 shard); the tensor itself otherwise."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def _shard_group(p: torch.Tensor):
+    """The process group over which a DTensor parameter is sharded, or None if it is not."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return None
+    if not any(isinstance(pl, Shard) for pl in p.placements):
+        return None
+    mesh = p.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"SNRAdamW cannot infer the shard group of a DTensor on a {mesh.ndim}-D device mesh; "
+            "pass process_group= (the group whose ranks hold disjoint shards)"
+        )
+    return mesh.get_group()
+
+
+class SNRAdamW(Optimizer):
+    r"""AdamW whose step is gated, per coordinate, by a signal-to-noise test.
+
+    For every scalar parameter the optimizer compares the squared (bias-corrected) mean gradient
+    mu^2 with an estimate sigma^2 of the variance of the minibatch-mean gradient. Coordinates whose
+    signal beats their noise get the ordinary AdamW step; the others are shrunk (``mask="snr"``,
+    ``"soft"``) or frozen (``"hard"``). Cost: one extra fp32 state tensor per parameter (optimizer
+    state is exactly 1.5x AdamW's); no extra forward or backward pass.
+
+    Args:
+        params: parameters or parameter groups. Every keyword below may be set per group; a group
+            with ``snr=False`` is plain AdamW (its variance EMA is still tracked for the statistics).
+        lr (float): learning rate, as AdamW. Note that the gate makes the effective step smaller
+            than AdamW's at the same ``lr``: compare arms at their own tuned learning rates.
+        betas (tuple): AdamW's (beta1, beta2), each in [0, 1).
+        eps (float): AdamW's epsilon, > 0. It is *not* used in the gate (LLM gradients are tiny).
+        weight_decay (float): decoupled weight decay, >= 0, never masked.
+        rho (float): decay of the variance EMA, in [0, 1). 0.99 (the default) remembers about 100
+            steps; use a shorter memory than beta2.
+        mask (str): ``"snr"`` (default) q = mu^2 / (mu^2 + softness*alpha*sigma^2), never fully
+            closed; ``"soft"`` (the paper's Algorithm 1) zero below the boundary mu^2 = alpha*sigma^2;
+            ``"hard"`` the 0/1 rule 1[mu^2 > alpha*sigma^2].
+        softness (float): scales the noise term, >= 0. Usual tuning grid: 0.3, 1, 3, 10.
+        alpha (float): how much noise a step may carry, >= 0. 1 when each batch is a fresh draw (one
+            epoch, streaming); b / (n - b) for many epochs over n examples with effective batch b.
+            0 opens every gate (plain AdamW).
+        reduction (str): ``"element"`` (default) one gate per scalar; ``"tensor"`` one gate per
+            parameter tensor from sum(mu^2) vs alpha * sum(sigma^2). Under FSDP2 the sums cover the
+            whole tensor (one batched all-reduce per step). Refused on flat partitions that mix
+            tensors (DeepSpeed ZeRO).
+        warmup_steps (int): the gate stays open (q = 1) for this many first steps, while the
+            moments warm up. Default 10 (= 1 / (1 - beta1) at beta1 = 0.9).
+        snr (bool): False makes a group plain AdamW.
+        foreach (bool | None): use the multi-tensor ``torch._foreach_*`` path. None picks it unless
+            a parameter lives on a device it does not support.
+        nonfinite (str): what to do when a gradient holds inf or nan. ``"skip"`` (default): the
+            whole step is skipped (parameters and state untouched, ``skipped_steps`` counts it, a
+            warning is issued); ``"raise"``: RuntimeError before anything changes; ``"propagate"``:
+            no check, as torch's AdamW (the nan reaches parameters and state). The check costs one
+            read of the gradients and one host sync per step; "propagate" avoids both.
+        process_group: the process group whose ranks hold *disjoint* shards of the parameters
+            (DeepSpeed ZeRO's data-parallel group). Statistics are summed over it. Leave None under
+            DDP (replicas: nothing to sum) and under FSDP2 (the shard group is read from DTensors).
+
+    Statistics: call :meth:`request_stats` before a step; after it :attr:`last_stats` holds
+    ``mask_mean``, ``active_fraction``, ``signal``, ``noise``, ``population_gain`` and
+    ``cumulative_noise`` (a running sum of noise; between two requested steps noise is taken as
+    constant at the later value). They are reduced on device with a single host sync.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        rho: float = 0.99,
+        mask: str = "snr",
+        softness: float = 1.0,
+        alpha: float = 1.0,
+        reduction: str = "element",
+        warmup_steps: int = DEFAULT_WARMUP_STEPS,
+        snr: bool = True,
+        foreach: bool | None = None,
+        *,
+        nonfinite: str = "skip",
+        process_group: Any = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, rho=rho, mask=mask, softness=softness, alpha=alpha,
+            reduction=reduction, warmup_steps=warmup_steps, snr=snr, foreach=foreach,
+        )
+        _validate_hparams(defaults)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Invalid nonfinite value: {nonfinite!r} (accepted: one of {', '.join(NONFINITE_POLICIES)})"
+            )
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self._stats_requested = False
+        self.last_stats: dict[str, float] = {}
+        self.snr_state = {"steps": 0, "skipped_steps": 0, "cumulative_noise": 0.0, "last_stats_step": 0}
+        super().__init__(params, defaults)
+
+    # -- parameter groups ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        if isinstance(param_group.get("betas"), list):
+            param_group["betas"] = tuple(param_group["betas"])
+        _validate_hparams(param_group, where=f"parameter group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        # Remember the shapes the group was built with: reduction="tensor" checks at step time that
+        # it still sees those whole tensors (DeepSpeed ZeRO swaps in flat partitions).
+        param_group["_numels"] = [p.numel() for p in param_group["params"]]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- statistics ---------------------------------------------------------------------------
+    def request_stats(self) -> None:
+        """Compute risk statistics during the next :meth:`step` (into :attr:`last_stats`)."""
+        self._stats_requested = True
+
+    def _stats_group(self):
+        if self.process_group is not None:
+            return self.process_group
+        for group in self.param_groups:
+            for p in group["params"]:
+                pg = _shard_group(p)
+                if pg is not None:
+                    return pg
+        return None
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("_numels", None)
+        sd["snr_state"] = dict(self.snr_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        snr_state = state_dict.pop("snr_state", None)
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype on load; ours is fp32 by design, so
+        # put back the saved fp32 tensors for bf16/fp16 parameters (the cast would round them).
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            group["_numels"] = [p.numel() for p in group["params"]]
+            for idx, p in zip(saved_group["params"], group["params"]):
+                if idx not in saved_state or p.dtype == torch.float32:
+                    continue
+                for key, value in saved_state[idx].items():
+                    if key != "step" and isinstance(value, torch.Tensor):
+                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        if snr_state is not None:
+            self.snr_state = dict(snr_state)
+
+    # -- the step -----------------------------------------------------------------------------
+    def _init_group(self, group: dict[str, Any]):
+        """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params)."""
+        params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps = [], [], [], [], [], []
+        if group["reduction"] == "tensor" and [p.numel() for p in group["params"]] != group.get("_numels"):
+            raise ValueError(
+                "reduction='tensor' needs whole parameter tensors, but this optimizer is being stepped "
+                f"on different tensors (numels {[p.numel() for p in group['params']][:4]} instead of "
+                f"{group['_numels'][:4]}): flat partitions that mix tensors, as DeepSpeed ZeRO makes. "
+                "Use reduction='element' (exact under ZeRO) or FSDP2/DDP for reduction='tensor'."
+            )
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SNRAdamW does not support sparse gradients (use a dense optimizer or SparseAdam)")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                fp32 = dict(dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, **fp32)
+                state["exp_avg_sq"] = torch.zeros_like(p, **fp32)
+                state["exp_var"] = torch.zeros_like(p, **fp32)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_vars.append(state["exp_var"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps
+
+    def _all_finite(self) -> bool:
+        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [g for g in grads if g.numel() > 0]
+        if grads:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
+            dev0 = grads[0].device
+            flag = torch.zeros((), device=dev0)
+            for dev_grads in by_device.values():
+                sums = torch.stack([n.float() for n in torch._foreach_norm(dev_grads, ord=math.inf)]).sum()
+                flag = flag + (~torch.isfinite(sums)).float().to(dev0)
+        else:
+            flag = torch.zeros(())
+        group = self._stats_group()
+        if group is not None:
+            import torch.distributed as dist
+            flag = flag.to(self._comm_device(group))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return flag.item() == 0
+
+    @staticmethod
+    def _comm_device(group) -> torch.device:
+        import torch.distributed as dist
+        backend = dist.get_backend(group)
+        if backend == "gloo":
+            return torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        want_stats = self._stats_requested
+        self._stats_requested = False
+
+        if self.nonfinite != "propagate" and not self._all_finite():
+            if self.nonfinite == "raise":
+                raise RuntimeError(
+                    f"SNRAdamW: non-finite (inf/nan) gradient at optimizer step {self.snr_state['steps'] + 1}; "
+                    "nothing was updated (nonfinite='raise')"
+                )
+            self.snr_state["skipped_steps"] += 1
+            warnings.warn(
+                f"SNRAdamW skipped step {self.snr_state['steps'] + 1}: non-finite gradient "
+                f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if want_stats:
+                self.last_stats = self._finish_stats(None)
+            return loss
+
+        # Phase 1: moments of every group (and, for reduction="tensor", the local sums).
+        work = []
+        for group in self.param_groups:
+            tensors = self._init_group(group)
+            if not tensors[0]:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors[0])
+            impl = _multi_tensor if foreach else _single_tensor
+            ctx = impl.moments(group, *tensors)
+            work.append((group, impl, tensors, ctx))
+
+        # One batched all-reduce of the per-tensor sums of every sharded tensor-reduction group.
+        sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work) if ctx.get("sums") is not None
+                   for j, p in enumerate(tensors[0]) if _shard_group(p) is not None or self.process_group is not None]
+        if sharded:
+            import torch.distributed as dist
+            pg = self._stats_group()
+            flat = torch.stack([work[i][3]["sums"][j] for i, j in sharded])  # (n, 2)
+            dev = flat.device
+            flat = flat.to(self._comm_device(pg))
+            dist.all_reduce(flat, group=pg)
+            flat = flat.to(dev)
+            for k, (i, j) in enumerate(sharded):
+                work[i][3]["sums"][j] = flat[k]
+
+        # Phase 2: the gate and the parameter update (plus statistics when requested).
+        acc: dict[torch.device, torch.Tensor] = {}
+        for group, impl, tensors, ctx in work:
+            part = impl.update(group, *tensors, ctx, want_stats)
+            if part is not None:
+                acc[part.device] = acc[part.device] + part if part.device in acc else part
+
+        self.snr_state["steps"] += 1
+        if want_stats:
+            total = None
+            for part in acc.values():
+                total = part if total is None else total + part.to(total.device)
+            self.last_stats = self._finish_stats(total)
+        return loss
+
+    def _finish_stats(self, total: torch.Tensor | None) -> dict[str, float]:
+        """Reduce the per-rank sums (one all-reduce, one host sync) into the logged statistics."""
+        if total is None:
+            total = torch.zeros(len(_STAT_KEYS))
+        pg = self._stats_group()
+        if pg is not None:
+            import torch.distributed as dist
+            dev = total.device
+            total = total.to(self._comm_device(pg))
+            dist.all_reduce(total, group=pg)
+            total = total.to(dev)
+        s = dict(zip(_STAT_KEYS, total.tolist()))
+        steps = self.snr_state["steps"]
+        interval = max(steps - self.snr_state["last_stats_step"], 0)
+        self.snr_state["cumulative_noise"] += s["noise"] * interval
+        self.snr_state["last_stats_step"] = steps
+        count = s["mask_count"]
+        return {
+            "mask_mean": s["mask_sum"] / count if count > 0 else 1.0,
+            "active_fraction": s["active_count"] / count if count > 0 else 1.0,
+            "signal": s["signal"],
+            "noise": s["noise"],
+            "population_gain": s["signal"] - s["noise"],
+            "cumulative_noise": self.snr_state["cumulative_noise"],
+            "skipped_steps": float(self.snr_state["skipped_steps"]),
+        }
+
+
+def _bias_corrections(step: float, beta1: float, beta2: float, rho: float):
+    return 1.0 - beta1**step, 1.0 - beta2**step, 1.0 - rho**step
+
+
+def _gate_constant(group) -> float:
+    return min(group["softness"] * group["alpha"], _FP32_MAX)
+
+
+class _single_tensor:
+    """The oracle: one parameter at a time, in the order of the equations."""
+
+    @staticmethod
+    def moments(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps):
+        beta1, beta2 = group["betas"]
+        rho = group["rho"]
+        tensor_mode = group["reduction"] == "tensor" and group["snr"]
+        sums = []
+        for i, p in enumerate(params):
+            g = _local(grads[i]).float()
+            m, v, s = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), _local(exp_vars[i])
+            steps[i] += 1
+            d = g - m                                   # deviation from the previous, uncorrected mean
+            s.mul_(rho).addcmul_(d, d, value=1 - rho)  # s <- rho s + (1 - rho) d^2
+            m.lerp_(g, 1 - beta1)                       # m <- beta1 m + (1 - beta1) g
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if tensor_mode:
+                bc1, _, bcr = _bias_corrections(steps[i].item(), beta1, beta2, rho)
+                mu2 = (m / bc1).square()
+                sig2 = s / bcr
+                sums.append(torch.stack([mu2.sum(), sig2.sum()]))
+        return {"sums": sums if tensor_mode else None}
+
+    @staticmethod
+    def update(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps, ctx, want_stats):
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, rho = group["lr"], group["eps"], group["weight_decay"], group["rho"]
+        lr = float(lr)
+        c = _gate_constant(group)
+        alpha = group["alpha"]
+        part = None
+        for i, p_full in enumerate(params):
+            p = _local(p_full)
+            m, v, s = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), _local(exp_vars[i])
+            t = steps[i].item()
+            bc1, bc2, bcr = _bias_corrections(t, beta1, beta2, rho)
+            m_hat = m / bc1
+            mu2 = m_hat.square()
+            sig2 = s / bcr
+            if not group["snr"] or t <= group["warmup_steps"]:
+                q = torch.ones_like(m)
+            elif group["reduction"] == "tensor":
+                sum_mu2, sum_sig2 = ctx["sums"][i][0], ctx["sums"][i][1]
+                q = _mask(group["mask"], sum_mu2, sum_sig2, alpha, group["softness"], c).expand_as(m)
+            else:
+                q = _mask(group["mask"], mu2, sig2, alpha, group["softness"], c)
+            denom = (v / bc2).sqrt() + eps
+            p32 = p.float() if p.dtype != torch.float32 else p
+            p32.mul_(1 - lr * wd)                       # decoupled weight decay, never masked
+            p32.addcdiv_(q * m_hat, denom, value=-lr)   # the gated AdamW step
+            if p32 is not p:
+                p.copy_(p32)
+            if want_stats:
+                u = q * lr / denom                      # effective per-coordinate step size
+                masked = group["snr"]
+                row = torch.stack([
+                    q.sum() if masked else q.new_zeros(()),
+                    q.new_tensor(float(q.numel()) if masked else 0.0),
+                    (q > 0.5).sum().float() if masked else q.new_zeros(()),
+                    (u * mu2).sum(),
+                    alpha * (u * sig2).sum(),
+                ])
+                part = row if part is None else part + row
+        return part
+
+
+def _mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softness: float, c: float):
+    """q in [0, 1] from mu^2 and sigma^2 (tensors or 0-d sums). No eps: only 0/0 is guarded."""
+    if kind == "snr":
+        return mu2 / (mu2 + c * sig2).clamp_min(_TINY)
+    if kind == "soft":
+        excess = (mu2 - alpha * sig2).clamp_min(0.0)
+        return excess / (excess + softness * sig2).clamp_min(_TINY)
+    return (mu2 > alpha * sig2).to(mu2.dtype)
+
+
+class _multi_tensor:
+    """The same math with torch._foreach_* kernels, one launch per op for all tensors of a group."""
+
+    @staticmethod
+    def moments(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps):
+        beta1, beta2 = group["betas"]
+        rho = group["rho"]
+        g = [_local(x) for x in grads]
+        g = [x if x.dtype == torch.float32 else x.float() for x in g]
+        m = [_local(x) for x in exp_avgs]
+        v = [_local(x) for x in exp_avg_sqs]
+        s = [_local(x) for x in exp_vars]
+        torch._foreach_add_(steps, 1.0)
+        d = torch._foreach_sub(g, m)
+        torch._foreach_mul_(d, d)
+        torch._foreach_mul_(s, rho)
+        torch._foreach_add_(s, d, alpha=1 - rho)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        ctx = {"g": g, "m": m, "v": v, "s": s, "sums": None}
+        if group["reduction"] == "tensor" and group["snr"]:
+            ts = [x.item() for x in steps]
+            bc1 = [1 - beta1**t for t in ts]
+            bcr = [1 - rho**t for t in ts]
+            mu2 = torch._foreach_div(m, bc1)
+            torch._foreach_mul_(mu2, mu2)
+            sig2 = torch._foreach_div(s, bcr)
+            ctx["sums"] = [torch.stack([a.sum(), b.sum()]) for a, b in zip(mu2, sig2)]
+        return ctx
+
+    @staticmethod
+    def update(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps, ctx, want_stats):
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, rho = float(group["lr"]), group["eps"], group["weight_decay"], group["rho"]
+        alpha, softness = group["alpha"], group["softness"]
+        c = _gate_constant(group)
+        m, v, s = ctx["m"], ctx["v"], ctx["s"]
+        ts = [x.item() for x in steps]
+        bc1 = [1 - beta1**t for t in ts]
+        bc2 = [1 - beta2**t for t in ts]
+        bcr = [1 - rho**t for t in ts]
+        n = len(params)
+
+        m_hat = torch._foreach_div(m, bc1)
+        open_gate = not group["snr"] or all(t <= group["warmup_steps"] for t in ts)
+        if open_gate:
+            q = None
+            mu2 = sig2 = None
+        else:
+            mu2 = torch._foreach_mul(m_hat, m_hat)
+            sig2 = torch._foreach_div(s, bcr)
+            if group["reduction"] == "tensor":
+                q = [_mask(group["mask"], sm[0], sm[1], alpha, softness, c).expand_as(x)
+                     for sm, x in zip(ctx["sums"], m)]
+            else:
+                q = _foreach_mask(group["mask"], mu2, sig2, alpha, softness, c)
+            # a tensor still inside its warm-up (e.g. added to the group later) keeps an open gate
+            for i, t in enumerate(ts):
+                if t <= group["warmup_steps"]:
+                    q[i] = torch.ones_like(m[i])
+
+        denom = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+
+        local = [_local(p) for p in params]
+        p32 = [p if p.dtype == torch.float32 else p.float() for p in local]
+        torch._foreach_mul_(p32, 1 - lr * wd)
+        step_dir = torch._foreach_mul(m_hat, q) if q is not None else m_hat
+        torch._foreach_addcdiv_(p32, step_dir, denom, -lr)
+        for p, p_f in zip(local, p32):
+            if p_f is not p:
+                p.copy_(p_f)
+
+        if not want_stats:
+            return None
+        if q is None:
+            q = [torch.ones_like(x) for x in m]
+        if mu2 is None:
+            mu2 = torch._foreach_mul(m_hat, m_hat)
+            sig2 = torch._foreach_div(s, bcr)
+        u = torch._foreach_div(q, denom)
+        torch._foreach_mul_(u, lr)
+        signal = torch._foreach_mul(u, mu2)
+        noise = torch._foreach_mul(u, sig2)
+        masked = group["snr"]
+        zero = m[0].new_zeros(())
+        rows = [
+            torch.stack([
+                q[i].sum() if masked else zero,
+                zero + (float(q[i].numel()) if masked else 0.0),
+                (q[i] > 0.5).sum().float() if masked else zero,
+                signal[i].sum(),
+                alpha * noise[i].sum(),
+            ])
+            for i in range(n)
+        ]
+        return torch.stack(rows).sum(0)
+
+
+def _foreach_mask(kind, mu2, sig2, alpha, softness, c):
+    if kind == "snr":
+        denom = torch._foreach_mul(sig2, c)
+        torch._foreach_add_(denom, mu2)
+        torch._foreach_clamp_min_(denom, _TINY)
+        return torch._foreach_div(mu2, denom)
+    if kind == "soft":
+        excess = torch._foreach_mul(sig2, -alpha)
+        torch._foreach_add_(excess, mu2)
+        torch._foreach_clamp_min_(excess, 0.0)
+        denom = torch._foreach_mul(sig2, softness)
+        torch._foreach_add_(denom, excess)
+        torch._foreach_clamp_min_(denom, _TINY)
+        return torch._foreach_div(excess, denom)
+    return [(a > alpha * b).float() for a, b in zip(mu2, sig2)]
