@@ -1,0 +1,313 @@
+"""SNRAdamW inside transformers' Trainer: the public factory, the risk-logging callback, the guards.
+
+Public, internals-free route::
+
+    trainer = Trainer(..., optimizer_cls_and_kwargs=snr_optimizer_cls_and_kwargs(args, "mask=soft"))
+
+By-name route (``optim="snr_adamw"``): see :mod:`hf_snr.registration`, which routes to the same
+factory. Either way, once the Trainer has built an SNRAdamW, :class:`SNRCallback` is attached: it
+resolves ``alpha=auto``, requests the optimizer's statistics on logging steps only, writes the
+``snr/*`` metrics into the Trainer's own log (so log_history and every reporter see them) and
+refuses to train if a backend replaced the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .optimizer import SNRAdamW
+from .options import SNROptions, finite_data_alpha, parse_optim_args
+
+logger = logging.getLogger("hf_snr")
+
+__all__ = [
+    "snr_optimizer_cls_and_kwargs",
+    "SNRAdamWFactory",
+    "SNRCallback",
+    "attach_snr",
+    "unwrap_optimizer",
+    "check_deepspeed_config",
+    "SNR_METRICS",
+]
+
+# What lands in the log on every logging step, and what it means (the README table is built from it).
+SNR_METRICS = {
+    "snr/mask_mean": "mean gate q over gated coordinates (1 = plain AdamW, 0 = frozen)",
+    "snr/active_fraction": "share of gated coordinates with q > 1/2 (signal beats noise)",
+    "snr/signal": "sum_k u_k mu_k^2: first-order drop of the training risk along the step",
+    "snr/noise": "alpha sum_k u_k sigma_k^2: the part of that drop that is memorization",
+    "snr/population_gain": "signal - noise: first-order estimate of the population-risk drop",
+    "snr/cumulative_noise": "running sum of noise: estimate of the train/population gap",
+    "snr/population_risk": "training loss + cumulative noise: population-risk estimate",
+}
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """Follow .optimizer links (AcceleratedOptimizer, DeepSpeed wrappers) down to the real optimizer."""
+    seen = set()
+    while hasattr(optimizer, "optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    # The Trainer's own rule (bias and norm weights get no decay); it does not use `self`.
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
+class SNRAdamWFactory:
+    """transformers' optimizer-factory protocol: ``SNRAdamWFactory()(model, **kwargs)``.
+
+    Builds the Trainer's decay / no-decay groups from the model, and with ``exclude=regex`` moves the
+    matching parameters to groups with ``snr=False`` (plain AdamW). Used when the groups depend on
+    parameter names; otherwise the plain class is returned and the Trainer builds the groups.
+    """
+
+    def __call__(self, model: torch.nn.Module, *, exclude: str | None = None, weight_decay: float = 0.0,
+                 alpha_auto: bool = False, **kwargs: Any) -> SNRAdamW:
+        pattern = re.compile(exclude) if exclude else None
+        decay = _decay_parameter_names(model)
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        excluded_names = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            gated = not (pattern and pattern.search(name))
+            if not gated:
+                excluded_names.append(name)
+            groups.setdefault((name in decay, gated), []).append(p)
+        if pattern is not None and not excluded_names:
+            raise ValueError(f"exclude={exclude!r} matches no trainable parameter of {type(model).__name__}")
+        if excluded_names:
+            logger.info("hf_snr: %d parameter tensors use plain AdamW (exclude=%r), e.g. %s",
+                        len(excluded_names), exclude, excluded_names[:3])
+        param_groups = [
+            {"params": ps, "weight_decay": weight_decay if is_decay else 0.0, "snr": gated}
+            for (is_decay, gated), ps in groups.items()
+        ]
+        opt = SNRAdamW(param_groups, **kwargs)
+        opt.alpha_auto = alpha_auto
+        return opt
+
+
+def snr_optimizer_cls_and_kwargs(
+    args: TrainingArguments | None = None,
+    options: str | dict[str, Any] | SNROptions | None = None,
+    **overrides: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """``(cls_or_factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+
+    lr, betas and eps come from ``args`` (learning_rate, adam_beta1/2, adam_epsilon) like the Trainer's
+    AdamW; weight_decay too (per decay / no-decay group). ``options`` are the SNR knobs, as an
+    ``optim_args``-style string, a dict or :class:`SNROptions`; ``overrides`` are extra keywords.
+    The result validates now, not at the first step.
+    """
+    if isinstance(options, SNROptions):
+        opts = options
+    else:
+        merged: dict[str, Any] = {}
+        if isinstance(options, str):
+            opts0 = parse_optim_args(options)
+            merged = {k: getattr(opts0, k) for k in SNROptions.__dataclass_fields__ if k != "extra"}
+        elif options:
+            merged = dict(options)
+        base_keys = {"lr", "betas", "eps", "weight_decay"}
+        merged.update({k: v for k, v in overrides.items() if k not in base_keys})
+        overrides = {k: v for k, v in overrides.items() if k in base_keys}
+        opts = parse_optim_args(merged)
+    kwargs: dict[str, Any] = opts.optimizer_kwargs()
+    if args is not None:
+        kwargs.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    kwargs.update(overrides)
+    alpha_auto = opts.alpha == "auto"
+    if opts.exclude is not None or alpha_auto:
+        kwargs.update(exclude=opts.exclude, alpha_auto=alpha_auto)
+        if args is not None:
+            kwargs.setdefault("weight_decay", args.weight_decay)
+        return SNRAdamWFactory, kwargs
+    return SNRAdamW, kwargs
+
+
+def check_deepspeed_config(config: dict[str, Any] | None) -> None:
+    """Refuse DeepSpeed configs under which DeepSpeed or accelerate would silently swap SNRAdamW out."""
+    if not config:
+        return
+    if "optimizer" in config:
+        raise ValueError(
+            "optim='snr_adamw' with a DeepSpeed config that has an \"optimizer\" section: DeepSpeed would build "
+            f"its own {config['optimizer'].get('type', '?')} optimizer and SNRAdamW would never run. "
+            "Remove the \"optimizer\" section from the DeepSpeed JSON (keep \"zero_optimization\"); the Trainer "
+            "then hands SNRAdamW to DeepSpeed as a client optimizer."
+        )
+    zero = config.get("zero_optimization", {}) or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(
+            f"optim='snr_adamw' with ZeRO optimizer offload (device={offload!r}): accelerate would silently replace "
+            "SNRAdamW with DeepSpeedCPUAdam. Add \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed JSON to keep "
+            "SNRAdamW (its step then runs in PyTorch on the CPU copy), or turn offload_optimizer off."
+        )
+    if zero.get("stage", 0) in (1, 2, 3):
+        pass  # flat partitions: reduction="tensor" is refused in check_reduction_for_backend
+
+
+def _deepspeed_config_of(args: TrainingArguments) -> dict[str, Any] | None:
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds is not None:
+        return hf_ds.config
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        cfg = getattr(plugin, "deepspeed_config", None)
+        if isinstance(cfg, dict):
+            return cfg
+    return None
+
+
+def check_args(args: TrainingArguments, options: SNROptions) -> None:
+    """Checks that can run when the arguments are built: DeepSpeed swaps and flat-partition limits."""
+    ds = _deepspeed_config_of(args)
+    if ds is None:
+        return
+    check_deepspeed_config(ds)
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if options.reduction == "tensor" and stage in (1, 2, 3):
+        raise ValueError(
+            f"optim_args reduction='tensor' cannot run under DeepSpeed ZeRO stage {stage}: the optimizer sees flat "
+            "partitions that mix slices of many tensors. Use reduction='element' (exact under ZeRO) or FSDP2."
+        )
+
+
+class SNRCallback(TrainerCallback):
+    """Attached to a Trainer whose optimizer is SNRAdamW (done automatically; see :func:`attach_snr`).
+
+    - at train start: checks that SNRAdamW is really the optimizer that steps (DeepSpeed may swap
+      it), resolves ``alpha=auto`` from the data set size, effective batch and epochs, logs it once;
+      under DeepSpeed ZeRO hands the optimizer the data-parallel group so statistics are global;
+    - before a step that will be logged: asks the optimizer for statistics (computed on device,
+      one host sync, only on those steps);
+    - at log time (through the Trainer's own ``log``): adds the ``snr/*`` metrics.
+    """
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self._alpha_note: float | None = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def optimizer(self) -> SNRAdamW | None:
+        opt = unwrap_optimizer(self.trainer.optimizer)
+        return opt if isinstance(opt, SNRAdamW) else None
+
+    def _will_log(self, args: TrainingArguments, state, step: int) -> bool:
+        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+        if step == 1 and args.logging_first_step:
+            return True
+        if strategy == "steps":
+            every = state.logging_steps or args.logging_steps
+            return every > 0 and step % int(every) == 0
+        if strategy == "epoch" and state.max_steps and args.num_train_epochs:
+            per_epoch = max(1, math.ceil(state.max_steps / math.ceil(args.num_train_epochs)))
+            return step % per_epoch == 0 or step == state.max_steps
+        return False
+
+    # -- events ---------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        real = unwrap_optimizer(self.trainer.optimizer)
+        if not isinstance(real, SNRAdamW):
+            raise RuntimeError(
+                f"hf_snr: SNRAdamW was built, but the optimizer that will step is {type(real).__name__}: a backend "
+                "replaced it (DeepSpeed with an \"optimizer\" section, or ZeRO offload without "
+                "\"zero_force_ds_cpu_optimizer\": false). Fix the DeepSpeed config; refusing to train silently with "
+                "another optimizer."
+            )
+        self._set_process_group(real)
+        if getattr(real, "alpha_auto", False):
+            alpha, reason = self._auto_alpha(args, state)
+            for group in real.param_groups:
+                group["alpha"] = alpha
+            real.defaults["alpha"] = alpha
+            self._alpha_note = alpha
+            logger.warning("hf_snr: alpha=auto -> %.6g (%s)", alpha, reason)
+        return control
+
+    def _set_process_group(self, opt: SNRAdamW) -> None:
+        acc = getattr(self.trainer, "accelerator", None)
+        if acc is None or opt.process_group is not None:
+            return
+        if getattr(acc.state, "deepspeed_plugin", None) is not None and acc.num_processes > 1:
+            from deepspeed.utils import groups
+
+            opt.process_group = groups._get_data_parallel_group()
+
+    def _auto_alpha(self, args, state) -> tuple[float, str]:
+        dataset = self.trainer.train_dataset
+        try:
+            n = len(dataset)
+        except TypeError:
+            n = None
+        b = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        if n is None:
+            epochs = 1.0
+        elif state.max_steps and state.max_steps > 0:
+            epochs = state.max_steps * b / n
+        else:
+            epochs = float(args.num_train_epochs)
+        return finite_data_alpha(n, b, epochs)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        opt = self.optimizer()
+        if opt is not None and self._will_log(args, state, state.global_step + 1):
+            opt.request_stats()
+        return control
+
+    def metrics(self, loss: float | None) -> dict[str, float]:
+        """The snr/* metrics from the optimizer's latest statistics ({} before the first)."""
+        opt = self.optimizer()
+        if opt is None or not opt.last_stats:
+            return {}
+        s = opt.last_stats
+        out = {
+            "snr/mask_mean": s["mask_mean"],
+            "snr/active_fraction": s["active_fraction"],
+            "snr/signal": s["signal"],
+            "snr/noise": s["noise"],
+            "snr/population_gain": s["population_gain"],
+            "snr/cumulative_noise": s["cumulative_noise"],
+        }
+        if loss is not None and math.isfinite(loss):
+            out["snr/population_risk"] = loss + s["cumulative_noise"]
+        if s.get("skipped_steps"):
+            out["snr/skipped_steps"] = s["skipped_steps"]
+        if self._alpha_note is not None:
+            out["snr/alpha"] = self._alpha_note
+            self._alpha_note = None
+        return out
+
+
+def attach_snr(trainer: Trainer) -> SNRCallback:
+    """Attach :class:`SNRCallback` to ``trainer`` once and route its metrics through ``trainer.log``.
+
+    Idempotent. The Trainer's ``log`` is wrapped on the instance: editing ``logs`` in a callback's
+    ``on_log`` would reach neither ``log_history`` nor the reporters (they run before user callbacks).
+    """
+    existing = getattr(trainer, "_snr_callback", None)
+    if existing is not None:
+        return existing
+    callback = SNRCallback(trainer)
+    trainer.add_callback(callback)
+    trainer._snr_callback = callback
+    original_log = trainer.log
+
+    def log(logs: dict[str, float], *a: Any, **kw: Any) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(callback.metrics(logs.get("loss")))
+        return original_log(logs, *a, **kw)
+
+    trainer.log = log
+    return callback
