@@ -26,15 +26,49 @@ def _to_bool(value: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {value!r}")
 
 
+def _to_foreach(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
+        return None
+    if isinstance(value, str):
+        return _to_bool(value)
+    raise TypeError(f"expected true, false or auto, got {value!r}")
+
+
 def _to_alpha(value: Any) -> float | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
     return float(value)
 
 
-def _to_regex(value: Any) -> str:
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):  # float(True) == 1.0 would hide a mistake
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value.strip()
+
+
+def _to_regex(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"expected a regular expression string, got {value!r}")
     re.compile(value)  # raises re.error with the position of the problem
-    return str(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,16 +81,16 @@ class _Option:
 
 # key -> how to read it from an optim_args string, what is accepted, the default, what it means
 OPTIONS: dict[str, _Option] = {
-    "mask": _Option(str, f"one of {', '.join(MASKS)}", "snr", "gate shape: snr (never closes), soft, hard"),
-    "softness": _Option(float, "a finite number >= 0", 1.0, "scales the noise term; tune over 0.3, 1, 3, 10"),
+    "mask": _Option(_to_str, f"one of {', '.join(MASKS)}", "snr", "gate shape: snr (never closes), soft, hard"),
+    "softness": _Option(_to_float, "a finite number >= 0", 1.0, "scales the noise term; tune over 0.3, 1, 3, 10"),
     "alpha": _Option(_to_alpha, "a finite number >= 0, or 'auto'", 1.0,
                      "noise tolerance; 'auto' = 1 for one pass, b/(n-b) for several epochs over n examples"),
-    "rho": _Option(float, "[0, 1)", 0.99, "decay of the variance EMA"),
-    "reduction": _Option(str, f"one of {', '.join(REDUCTIONS)}", "element",
+    "rho": _Option(_to_float, "[0, 1)", 0.99, "decay of the variance EMA"),
+    "reduction": _Option(_to_str, f"one of {', '.join(REDUCTIONS)}", "element",
                          "one gate per scalar (element) or per parameter tensor (tensor)"),
-    "warmup_steps": _Option(int, "an integer >= 0", DEFAULT_WARMUP_STEPS, "first steps with the gate open"),
-    "nonfinite": _Option(str, f"one of {', '.join(NONFINITE_POLICIES)}", "skip", "what a nan/inf gradient does"),
-    "foreach": _Option(_to_bool, "true or false", None, "multi-tensor (foreach) path; default: automatic"),
+    "warmup_steps": _Option(_to_int, "an integer >= 0", DEFAULT_WARMUP_STEPS, "first steps with the gate open"),
+    "nonfinite": _Option(_to_str, f"one of {', '.join(NONFINITE_POLICIES)}", "skip", "what a nan/inf gradient does"),
+    "foreach": _Option(_to_foreach, "true, false or auto", None, "multi-tensor (foreach) path; default: automatic"),
     "exclude": _Option(_to_regex, "a regular expression (no commas; use | for alternatives)", None,
                        "parameters whose name matches (re.search) get plain AdamW (gate always open)"),
 }
@@ -112,7 +146,10 @@ def parse_optim_args(optim_args: str | dict[str, Any] | None) -> SNROptions:
                     f"pairs separated by commas. Accepted keys: {accepted_options()}"
                 )
             key, value = item.split("=", 1)
-            raw[key.strip()] = value.strip()
+            key = key.strip()
+            if key in raw:
+                raise ValueError(f"optim_args key {key!r} is given twice in {optim_args!r} for optim='{SNR_OPTIM_NAME}'")
+            raw[key] = value.strip()
     else:
         raise ValueError(f"optim_args must be a string like 'mask=soft,softness=3' or a dict, got {optim_args!r}")
 
@@ -127,7 +164,9 @@ def parse_optim_args(optim_args: str | dict[str, Any] | None) -> SNROptions:
             )
         opt = OPTIONS[name]
         try:
-            values[name] = opt.convert(value) if isinstance(value, str) or name in ("alpha",) else value
+            if name in values:
+                raise ValueError(f"given twice (as {key!r} and under another name)")
+            values[name] = opt.convert(value)
         except (ValueError, TypeError, re.error) as err:
             raise ValueError(
                 f"Invalid optim_args value {key}={value!r} for optim='{SNR_OPTIM_NAME}' (accepted: {opt.accepted}): {err}"
