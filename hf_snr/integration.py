@@ -126,6 +126,10 @@ def snr_optimizer_cls_and_kwargs(
     if args is not None:
         kwargs.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     kwargs.update(overrides)
+    if args is not None:
+        # The explicit route never passes TrainingArguments.__post_init__'s checks for optim="snr_adamw":
+        # refuse here a DeepSpeed config that would never build (or would swap out) this optimizer.
+        check_args(args, opts)
     alpha_auto = opts.alpha == "auto"
     if opts.exclude is not None or alpha_auto:
         kwargs.update(exclude=opts.exclude, alpha_auto=alpha_auto)
@@ -198,6 +202,9 @@ class SNRCallback(TrainerCallback):
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self._alpha_note: float | None = None
+        self._updates_per_epoch: int | None = None  # optimizer steps per pass over the dataloader
+        self._stats_step: int | None = None  # global step whose statistics were requested last
+        self._warned_stale = False
 
     # -- helpers --------------------------------------------------------------------------------
     def optimizer(self) -> SNRAdamW | None:
@@ -205,15 +212,17 @@ class SNRCallback(TrainerCallback):
         return opt if isinstance(opt, SNRAdamW) else None
 
     def _will_log(self, args: TrainingArguments, state, step: int) -> bool:
+        """Whether the Trainer will log at the end of optimizer step ``step`` (DefaultFlowCallback's rule)."""
         strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
         if step == 1 and args.logging_first_step:
             return True
         if strategy == "steps":
             every = state.logging_steps or args.logging_steps
             return every > 0 and step % int(every) == 0
-        if strategy == "epoch" and state.max_steps and args.num_train_epochs:
-            per_epoch = max(1, math.ceil(state.max_steps / math.ceil(args.num_train_epochs)))
-            return step % per_epoch == 0 or step == state.max_steps
+        if strategy == "epoch":
+            # logged at on_epoch_end: after the last step of every pass, and when max_steps ends a pass early
+            per_epoch = self._updates_per_epoch or state.max_steps
+            return (per_epoch and step % per_epoch == 0) or step == state.max_steps
         return False
 
     # -- events ---------------------------------------------------------------------------------
@@ -227,6 +236,7 @@ class SNRCallback(TrainerCallback):
                 "another optimizer."
             )
         self._set_process_group(real)
+        self._updates_per_epoch = self._steps_per_epoch(args, kwargs.get("train_dataloader"))
         if getattr(real, "alpha_auto", False):
             alpha, reason = self._auto_alpha(args, state)
             for group in real.param_groups:
@@ -245,17 +255,30 @@ class SNRCallback(TrainerCallback):
 
             opt.process_group = groups._get_data_parallel_group()
 
+    @staticmethod
+    def _steps_per_epoch(args, dataloader) -> int | None:
+        """Optimizer steps per pass over the (per-rank) dataloader, as the Trainer counts them."""
+        try:
+            batches = len(dataloader)
+        except TypeError:
+            return None
+        ga = max(1, args.gradient_accumulation_steps)
+        return max(1, math.ceil(batches / ga))
+
     def _auto_alpha(self, args, state) -> tuple[float, str]:
+        """alpha for 'auto' from the data set size n, the effective batch b and the number of passes."""
         dataset = self.trainer.train_dataset
         try:
             n = len(dataset)
-        except TypeError:
+        except TypeError:  # IterableDataset: every batch is a fresh draw
             n = None
         b = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         if n is None:
             epochs = 1.0
         elif state.max_steps and state.max_steps > 0:
-            epochs = state.max_steps * b / n
+            # passes over the data: optimizer steps / steps per pass (a short last batch still ends a pass)
+            per_epoch = self._updates_per_epoch or max(1, math.ceil(n / b))
+            epochs = state.max_steps / per_epoch
         else:
             epochs = float(args.num_train_epochs)
         return finite_data_alpha(n, b, epochs)
@@ -264,6 +287,7 @@ class SNRCallback(TrainerCallback):
         opt = self.optimizer()
         if opt is not None and self._will_log(args, state, state.global_step + 1):
             opt.request_stats()
+            self._stats_step = state.global_step + 1
         return control
 
     def metrics(self, loss: float | None) -> dict[str, float]:
@@ -272,6 +296,13 @@ class SNRCallback(TrainerCallback):
         if opt is None or not opt.last_stats:
             return {}
         s = opt.last_stats
+        step = self.trainer.state.global_step
+        if self._stats_step != step and not self._warned_stale:
+            # the Trainer logs at a step the callback did not foresee (e.g. a callback set should_log)
+            logger.warning(
+                "hf_snr: logging at step %d, but SNR statistics were last requested for step %s; the snr/* "
+                "values logged now are the latest available, not this step's.", step, self._stats_step)
+            self._warned_stale = True
         out = {
             "snr/mask_mean": s["mask_mean"],
             "snr/active_fraction": s["active_fraction"],
