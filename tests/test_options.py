@@ -1,0 +1,120 @@
+"""optim_args parsing and validation (hf_snr.options) and the DeepSpeed config guard, without a Trainer."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from hf_snr.integration import SNRCallback, check_deepspeed_config
+from hf_snr.optimizer import DEFAULT_WARMUP_STEPS
+from hf_snr.options import OPTIONS, SNROptions, finite_data_alpha, parse_optim_args
+
+
+def test_every_knob_is_parsed_typed():
+    o = parse_optim_args(
+        "mask=soft, softness=3,alpha=0.25,rho=0.9,reduction=tensor,warmup_steps=4,nonfinite=raise,"
+        "foreach=false,exclude=mlp|lm_head"
+    )
+    assert o == SNROptions(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor", warmup_steps=4,
+                           nonfinite="raise", foreach=False, exclude="mlp|lm_head")
+    assert type(o.softness) is float and type(o.alpha) is float and type(o.warmup_steps) is int
+    assert o.optimizer_kwargs() == dict(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor",
+                                        warmup_steps=4, nonfinite="raise", foreach=False)
+    # every option in the table is covered by this test (a new knob must be added here)
+    assert set(OPTIONS) == {"mask", "softness", "alpha", "rho", "reduction", "warmup_steps", "nonfinite", "foreach",
+                            "exclude"}
+
+
+def test_defaults_and_aliases():
+    assert parse_optim_args(None) == parse_optim_args("") == SNROptions()
+    assert SNROptions().warmup_steps == DEFAULT_WARMUP_STEPS
+    o = parse_optim_args("beta3=0.95,warmup=0,alpha=AUTO,foreach=auto")
+    assert (o.rho, o.warmup_steps, o.alpha, o.foreach) == (0.95, 0, "auto", None)
+    assert o.optimizer_kwargs()["alpha"] == 1.0  # until the trainer resolves 'auto'
+    assert parse_optim_args({"softness": 2, "foreach": True}).softness == 2.0
+
+
+def test_unknown_key_lists_what_is_accepted():
+    with pytest.raises(ValueError) as err:
+        parse_optim_args("mask=soft,beta4=1")
+    msg = str(err.value)
+    assert "'beta4'" in msg
+    for key in OPTIONS:
+        assert key in msg
+    # lr & co. come from TrainingArguments, and the message says where
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_optim_args("lr=1e-3")
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("mask=medium", r"mask.*snr, soft, hard"),
+        ("softness=-1", r"softness.*>= 0"),
+        ("softness=abc", r"softness='abc'.*finite number"),
+        ("softness=nan", r"softness"),
+        ("alpha=-0.5", r"alpha.*>= 0"),
+        ("alpha=inf", r"alpha"),
+        ("alpha=sometimes", r"alpha='sometimes'.*auto"),
+        ("rho=1", r"rho.*\[0, 1\)"),
+        ("reduction=row", r"reduction.*element, tensor"),
+        ("warmup_steps=2.5", r"warmup_steps.*integer"),
+        ("warmup_steps=-1", r"warmup_steps.*>= 0"),
+        ("nonfinite=ignore", r"nonfinite.*skip, raise, propagate"),
+        ("foreach=maybe", r"foreach.*true, false or auto"),
+        ("exclude=(mlp", r"exclude.*regular expression"),
+        ("mask", r"key=value"),
+        ("mask=soft,mask=hard", r"given twice"),
+        ("rho=0.9,beta3=0.8", r"given twice"),
+    ],
+)
+def test_bad_values_name_the_problem(text, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        parse_optim_args(text)
+
+
+@pytest.mark.parametrize("raw", [{"exclude": 5}, {"softness": True}, {"warmup_steps": 1.5}, {"mask": 1},
+                                 {"foreach": "x"}])
+def test_bad_python_values(raw):
+    with pytest.raises(ValueError, match="Invalid optim_args value"):
+        parse_optim_args(raw)
+
+
+def test_finite_data_alpha():
+    assert finite_data_alpha(None, 4, 1.0)[0] == 1.0
+    assert finite_data_alpha(100, 4, 1.0)[0] == 1.0
+    alpha, reason = finite_data_alpha(100, 4, 3.0)
+    assert alpha == pytest.approx(4 / 96) and "b/(n-b)" in reason
+    assert finite_data_alpha(4, 8, 5.0)[0] == 1.0  # full batch: formula diverges, 1 kept
+
+
+def _callback_for(n, per_device, ga, max_steps, batches_per_epoch):
+    trainer = SimpleNamespace(train_dataset=list(range(n)) if n is not None else iter(()))
+    cb = SNRCallback(trainer)
+    args = SimpleNamespace(per_device_train_batch_size=per_device, gradient_accumulation_steps=ga, world_size=1,
+                           num_train_epochs=1.0)
+    cb._updates_per_epoch = cb._steps_per_epoch(args, range(batches_per_epoch))
+    return cb._auto_alpha(args, SimpleNamespace(max_steps=max_steps))
+
+
+def test_auto_alpha_counts_passes_like_the_trainer():
+    # n=10, b=4: one pass is 3 steps (the last batch is short) -> still one pass, alpha = 1
+    assert _callback_for(10, 4, 1, 3, 3)[0] == 1.0
+    # 6 steps = 2 passes -> b/(n-b) = 4/6
+    assert _callback_for(10, 4, 1, 6, 3)[0] == pytest.approx(4 / 6)
+    # gradient accumulation counts in b: per-device 2 x GA 2, 5 batches per pass -> 3 updates per pass
+    assert _callback_for(10, 2, 2, 6, 5)[0] == pytest.approx(4 / 6)
+    # no length (iterable data set): one pass assumed
+    assert _callback_for(None, 4, 1, 50, 0)[0] == 1.0
+
+
+def test_deepspeed_guard_direct():
+    check_deepspeed_config(None)
+    check_deepspeed_config({"zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match=re.escape('Remove the "optimizer" section')):
+        check_deepspeed_config({"optimizer": {"type": "AdamW", "params": {}}, "zero_optimization": {"stage": 1}})
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match='"zero_force_ds_cpu_optimizer": false'):
+        check_deepspeed_config(offload)
+    check_deepspeed_config({**offload, "zero_force_ds_cpu_optimizer": False})
+    check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
