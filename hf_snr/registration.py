@@ -10,8 +10,12 @@ the name -> optimizer table ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS
 2. maps it to a handler in ``_OPTIMIZER_HANDLERS`` that returns our public factory's result;
 3. wraps ``TrainingArguments.__post_init__`` so ``optim_args`` and the DeepSpeed config are
    validated when the arguments are built (an unknown key or bad value fails there);
-4. wraps ``Trainer.create_optimizer`` so that any Trainer that ends up with an SNRAdamW (by name or
-   through ``optimizer_cls_and_kwargs``) gets :class:`hf_snr.integration.SNRCallback`.
+4. wraps ``Trainer.create_optimizer`` (and ``create_scheduler``, which every path calls after it,
+   also for subclasses that override ``create_optimizer`` without ``super()``) so that any Trainer
+   that ends up with an SNRAdamW (by name, through ``optimizer_cls_and_kwargs`` or ``optimizers=``)
+   gets :class:`hf_snr.integration.SNRCallback`;
+5. wraps ``TrainingArguments.set_optimizer`` so that ``args.set_optimizer("snr_adamw", args=...)``
+   validates like the constructor.
 
 It is idempotent, guarded by the supported transformers range, and raises
 :class:`SNRRegistrationError` (never a silent fallback to AdamW) if those internals change.
@@ -63,6 +67,7 @@ def _enum_member(OptimizerNames: Any) -> Any:
     member._value_ = SNR_OPTIM_NAME
     member.__objclass__ = OptimizerNames
     member.__init__(SNR_OPTIM_NAME)
+    member._sort_order_ = len(OptimizerNames._member_names_)  # Python >= 3.12 Enum reads it
     OptimizerNames._member_map_["SNR_ADAMW"] = member
     OptimizerNames._value2member_map_[SNR_OPTIM_NAME] = member
     OptimizerNames._member_names_.append("SNR_ADAMW")
@@ -88,10 +93,13 @@ def register() -> None:
     if not isinstance(handlers, dict):
         _fail("transformers.trainer_optimizer._OPTIMIZER_HANDLERS (the name -> optimizer table) is gone")
     for attr in ("_value2member_map_", "_member_map_", "_member_names_"):
-        if not hasattr(OptimizerNames, attr):
+        if attr not in vars(OptimizerNames):  # its own, not the one inherited from Enum
             _fail(f"OptimizerNames has no {attr} (enum internals changed)")
-    if not callable(getattr(Trainer, "create_optimizer", None)):
-        _fail("Trainer.create_optimizer is gone")
+    for attr in ("create_optimizer", "create_scheduler"):
+        if not callable(getattr(Trainer, attr, None)):
+            _fail(f"Trainer.{attr} is gone")
+    if not callable(getattr(TrainingArguments, "set_optimizer", None)):
+        _fail("TrainingArguments.set_optimizer is gone")
 
     member = _enum_member(OptimizerNames)
     if OptimizerNames(SNR_OPTIM_NAME) is not member:
@@ -122,6 +130,33 @@ def register() -> None:
 
         create_optimizer._hf_snr = True
         Trainer.create_optimizer = create_optimizer
+
+    if not getattr(Trainer.create_scheduler, "_hf_snr", False):
+        original_create_scheduler = Trainer.create_scheduler
+
+        @functools.wraps(original_create_scheduler)
+        def create_scheduler(self, *a: Any, **kw: Any):
+            scheduler = original_create_scheduler(self, *a, **kw)
+            optimizer = kw.get("optimizer", a[1] if len(a) > 1 else None) or self.optimizer
+            if isinstance(unwrap_optimizer(optimizer), SNRAdamW):
+                attach_snr(self)  # idempotent
+            return scheduler
+
+        create_scheduler._hf_snr = True
+        Trainer.create_scheduler = create_scheduler
+
+    if not getattr(TrainingArguments.set_optimizer, "_hf_snr", False):
+        original_set_optimizer = TrainingArguments.set_optimizer
+
+        @functools.wraps(original_set_optimizer)
+        def set_optimizer(self, *a: Any, **kw: Any):
+            result = original_set_optimizer(self, *a, **kw)
+            if self.optim == SNR_OPTIM_NAME:
+                check_args(self, parse_optim_args(self.optim_args))
+            return result
+
+        set_optimizer._hf_snr = True
+        TrainingArguments.set_optimizer = set_optimizer
 
     _registered = True
 
