@@ -49,6 +49,8 @@ _FP32_MAX = torch.finfo(torch.float32).max
 # Guard for 0/0 in the mask (a coordinate with mu^2 = sigma^2 = 0 gets q = 0; its step is 0 anyway).
 _TINY = torch.finfo(torch.float32).tiny
 
+_SPARSE_MSG = "SNRAdamW does not support sparse gradients (use dense gradients, e.g. nn.Embedding(sparse=False))"
+
 _STAT_KEYS = ("mask_sum", "mask_count", "active_count", "signal", "noise")
 
 
@@ -283,7 +285,7 @@ class SNRAdamW(Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError("SNRAdamW does not support sparse gradients (use a dense optimizer or SparseAdam)")
+                raise RuntimeError(_SPARSE_MSG)
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -309,8 +311,9 @@ class SNRAdamW(Optimizer):
             dev0 = grads[0].device
             flag = torch.zeros((), device=dev0)
             for dev_grads in by_device.values():
-                sums = torch.stack([n.float() for n in torch._foreach_norm(dev_grads, ord=math.inf)]).sum()
-                flag = flag + (~torch.isfinite(sums)).float().to(dev0)
+                # per-tensor max |g|: finite iff the tensor is (summing them could overflow fp32)
+                norms = torch.stack([n.float() for n in torch._foreach_norm(dev_grads, ord=math.inf)])
+                flag = flag + (~torch.isfinite(norms)).any().float().to(dev0)
         else:
             flag = torch.zeros(())
         group = self._stats_group()
@@ -339,6 +342,12 @@ class SNRAdamW(Optimizer):
 
         want_stats = self._stats_requested
         self._stats_requested = False
+
+        # Before the non-finite check, which cannot read sparse tensors (and would fail obscurely).
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(_SPARSE_MSG)
 
         if self.nonfinite != "propagate" and not self._all_finite():
             if self.nonfinite == "raise":
@@ -431,8 +440,16 @@ def _bias_corrections(step: float, beta1: float, beta2: float, rho: float):
     return 1.0 - beta1**step, 1.0 - beta2**step, 1.0 - rho**step
 
 
-def _gate_constant(group) -> float:
-    return min(group["softness"] * group["alpha"], _FP32_MAX)
+def _gate_knobs(group) -> tuple[float, float, float]:
+    """alpha, softness and c = softness * alpha, each clamped to the largest finite fp32 value.
+
+    The validator accepts any finite value, but a Python float above fp32's range becomes inf once
+    it meets an fp32 tensor, and inf * 0 (a coordinate with no variance) is nan. Clamped, "huge"
+    still closes every gate and no nan can appear.
+    """
+    alpha = min(float(group["alpha"]), _FP32_MAX)
+    softness = min(float(group["softness"]), _FP32_MAX)
+    return alpha, softness, min(group["softness"] * group["alpha"], _FP32_MAX)
 
 
 class _single_tensor:
@@ -464,8 +481,7 @@ class _single_tensor:
         beta1, beta2 = group["betas"]
         lr, eps, wd, rho = group["lr"], group["eps"], group["weight_decay"], group["rho"]
         lr = float(lr)
-        c = _gate_constant(group)
-        alpha = group["alpha"]
+        alpha, softness, c = _gate_knobs(group)
         part = None
         for i, p_full in enumerate(params):
             p = _local(p_full)
@@ -479,9 +495,9 @@ class _single_tensor:
                 q = torch.ones_like(m)
             elif group["reduction"] == "tensor":
                 sum_mu2, sum_sig2 = ctx["sums"][i][0], ctx["sums"][i][1]
-                q = _mask(group["mask"], sum_mu2, sum_sig2, alpha, group["softness"], c).expand_as(m)
+                q = _mask(group["mask"], sum_mu2, sum_sig2, alpha, softness, c).expand_as(m)
             else:
-                q = _mask(group["mask"], mu2, sig2, alpha, group["softness"], c)
+                q = _mask(group["mask"], mu2, sig2, alpha, softness, c)
             denom = (v / bc2).sqrt() + eps
             p32 = p.float() if p.dtype != torch.float32 else p
             p32.mul_(1 - lr * wd)                       # decoupled weight decay, never masked
@@ -547,8 +563,7 @@ class _multi_tensor:
     def update(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps, ctx, want_stats):
         beta1, beta2 = group["betas"]
         lr, eps, wd, rho = float(group["lr"]), group["eps"], group["weight_decay"], group["rho"]
-        alpha, softness = group["alpha"], group["softness"]
-        c = _gate_constant(group)
+        alpha, softness, c = _gate_knobs(group)
         m, v, s = ctx["m"], ctx["v"], ctx["s"]
         ts = [x.item() for x in steps]
         bc1 = [1 - beta1**t for t in ts]
@@ -568,7 +583,7 @@ class _multi_tensor:
                 q = [_mask(group["mask"], sm[0], sm[1], alpha, softness, c).expand_as(x)
                      for sm, x in zip(ctx["sums"], m)]
             else:
-                q = _foreach_mask(group["mask"], mu2, sig2, alpha, softness, c)
+                q = list(_foreach_mask(group["mask"], mu2, sig2, alpha, softness, c))  # torch returns tuples
             # a tensor still inside its warm-up (e.g. added to the group later) keeps an open gate
             for i, t in enumerate(ts):
                 if t <= group["warmup_steps"]:
