@@ -1,0 +1,170 @@
+"""Worker: SNRAdamW on a 2-process FSDP2 (fully_shard, gloo, CPU) model == one process, full batch.
+
+Launched by tests/test_fsdp2.py as ``torchrun --nproc_per_node 2 tests/distributed/fsdp2_snr.py``.
+Each rank holds a Shard(0) DTensor slice of every parameter (uneven shards included, and an empty
+one: a (1, 7) weight leaves rank 1 nothing) and trains on its half of the batch; FSDP2 averages
+the gradients. Rank 0 also trains a plain single-process copy (same seed, same full batch) with no
+process group at all. After every step the full parameters, the optimizer state and, at requested
+steps, last_stats must agree; with reduction="tensor" that only holds if the per-tensor sums are
+all-reduced over the shard group, and the statistics only if they are summed over it.
+
+Cases: element and tensor reductions, all three masks, both code paths, and both ways an optimizer
+meets FSDP2: constructed after fully_shard (on the DTensor parameters), and accelerate's way
+(constructed on the original parameters, then its param_groups re-pointed to the sharded ones).
+A gradient that is nan on rank 1 only must make *both* ranks skip the step. Prints one
+``FSDP2-SNR-OK <case>`` line per case; any mismatch raises (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_snr.optimizer import SNRAdamW
+
+STEPS = 7
+NAN_STEP = 5          # rank 1 alone sees a nan gradient here: every rank must skip
+STATS_STEPS = {3, 4, 6, 7}
+BATCH = 32
+CASES = [
+    # (reduction, mask, foreach, construct)
+    ("element", "snr", True, "after"),
+    ("element", "soft", False, "repoint"),
+    ("tensor", "soft", True, "after"),
+    ("tensor", "hard", False, "after"),
+    ("tensor", "snr", True, "repoint"),
+]
+HP = dict(lr=2e-2, weight_decay=0.05, warmup_steps=2, alpha=0.5, softness=2.0)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(12, 16)
+        self.l2 = nn.Linear(16, 7)   # 7 rows: shards of 4 and 3
+        self.l3 = nn.Linear(7, 1)    # 1 row: rank 1's shard is empty
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def batch(step):
+    """A noisy linear teacher: gradients carry signal, so the gates neither all open nor all close."""
+    teacher = torch.randn(12, 1, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 12, generator=gen)
+    return x, x @ teacher + 0.5 * torch.randn(BATCH, 1, generator=gen)
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def close(a, b, what, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def run_case(rank, mesh, reduction, mask, foreach, construct):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+
+    hp = dict(HP, reduction=reduction, mask=mask, foreach=foreach)
+    torch.manual_seed(0)
+    model = Net()
+    ref = None
+    if rank == 0:
+        ref = Net()
+        ref.load_state_dict(model.state_dict())
+        ref_opt = SNRAdamW(ref.parameters(), **hp)
+
+    if construct == "repoint":  # accelerate: optimizer first, on the original parameters
+        opt = SNRAdamW(model.parameters(), **hp)
+        before = list(model.parameters())
+    for layer in (model.l1, model.l2, model.l3):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = list(model.parameters())
+    assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in sharded)
+    assert model.l3.weight.to_local().numel() == (7 if rank == 0 else 0)
+    if construct == "repoint":
+        mapping = {id(old): new for old, new in zip(before, sharded)}
+        for group in opt.param_groups:
+            group["params"] = [mapping[id(p)] for p in group["params"]]
+    else:
+        opt = SNRAdamW(model.parameters(), **hp)
+
+    half = BATCH // 2
+    mask_means = []
+    for step in range(1, STEPS + 1):
+        x, y = batch(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half]).backward()
+        if step == NAN_STEP and rank == 1:
+            model.l2.weight.grad.to_local()[0, 0] = float("nan")
+        if step in STATS_STEPS:
+            opt.request_stats()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        skipped = any("non-finite gradient" in str(w.message) for w in caught)
+        assert skipped == (step == NAN_STEP), (rank, step, skipped)
+
+        if rank == 0:
+            ref_opt.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            if step == NAN_STEP:
+                ref.l2.weight.grad[0, 0] = float("nan")
+            if step in STATS_STEPS:
+                ref_opt.request_stats()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref_opt.step()
+
+        # full_tensor() is a collective: every rank gathers, rank 0 compares
+        got = [full(p.detach()) for p in model.parameters()]
+        got_state = [full(opt.state[p]["exp_var"]) for p in model.parameters()]
+        if rank == 0:
+            where = f"{reduction}/{mask}/foreach={foreach}/{construct} step {step}"
+            for (name, r), g, s in zip(ref.named_parameters(), got, got_state):
+                close(g, r.detach(), f"{where} param {name}")
+                close(s, ref_opt.state[r]["exp_var"], f"{where} exp_var {name}", atol=1e-8)
+            if step in STATS_STEPS:
+                mask_means.append(opt.last_stats["mask_mean"])
+                for key, value in ref_opt.last_stats.items():
+                    mine = opt.last_stats[key]
+                    assert abs(mine - value) <= 1e-4 * abs(value) + 1e-9, (where, key, mine, value)
+            assert opt.snr_state == {**ref_opt.snr_state, "cumulative_noise": opt.snr_state["cumulative_noise"]}
+    # both ranks hold the same (all-reduced) statistics
+    mine = torch.tensor([opt.last_stats[k] for k in sorted(opt.last_stats)], dtype=torch.float64)
+    other = mine.clone()
+    dist.broadcast(other, src=0)
+    assert torch.equal(mine, other), (rank, mine, other)
+    assert opt.snr_state["skipped_steps"] == 1 and opt.snr_state["steps"] == STEPS - 1
+    if rank == 0:  # the case exercised a gate that was not simply open
+        print("mask means", reduction, mask, mask_means, flush=True)
+        assert min(mask_means) < 0.99, mask_means
+
+
+def main():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, f"this check needs exactly 2 processes, got world size {world}"
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    for case in CASES:
+        run_case(rank, mesh, *case)
+        dist.barrier()
+        if rank == 0:
+            print("FSDP2-SNR-OK", "/".join(map(str, case)), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
