@@ -32,6 +32,7 @@ __all__ = [
     "SNRCallback",
     "attach_snr",
     "unwrap_optimizer",
+    "deepspeed_partition_group",
     "check_deepspeed_config",
     "SNR_METRICS",
 ]
@@ -55,6 +56,28 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         seen.add(id(optimizer))
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def deepspeed_partition_group(optimizer: Any, real: Any) -> Any:
+    """The process group over which DeepSpeed partitions ``real``'s parameters, or None.
+
+    Walks the wrapper chain (accelerate's DeepSpeedOptimizerWrapper -> DeepSpeed's ZeRO / BF16
+    optimizer -> ``real``) and returns the ``dp_process_group`` of the wrapper that steps ``real``
+    on flat partitions. That is the group ZeRO-1/2/3 (and the bf16 optimizer) really partition
+    over, also with sequence parallelism (where it is data x sequence parallel and
+    ``deepspeed.utils.groups._get_data_parallel_group()`` is None). None when nothing partitions
+    the parameters (ZeRO stage 0 in fp32/fp16: every rank holds a full replica, and summing
+    statistics over ranks would multiply them by the world size).
+    """
+    seen = set()
+    opt = optimizer
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        inner = getattr(opt, "optimizer", None)
+        if inner is real:
+            return getattr(opt, "dp_process_group", None)
+        opt = inner
+    return None
 
 
 def _decay_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -251,9 +274,8 @@ class SNRCallback(TrainerCallback):
         if acc is None or opt.process_group is not None:
             return
         if getattr(acc.state, "deepspeed_plugin", None) is not None and acc.num_processes > 1:
-            from deepspeed.utils import groups
-
-            opt.process_group = groups._get_data_parallel_group()
+            # the group ZeRO partitions over (None under stage 0: replicas, nothing to sum)
+            opt.process_group = deepspeed_partition_group(self.trainer.optimizer, opt)
 
     @staticmethod
     def _steps_per_epoch(args, dataloader) -> int | None:
