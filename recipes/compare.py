@@ -1,0 +1,585 @@
+"""Run a grid of noisy-DPO arms and write, per comparison, a table and plots.
+
+    python recipes/compare.py --config recipes/configs/demo.yaml          # `make demo`
+    python recipes/compare.py --config recipes/configs/lr_sweep.yaml      # how the demo's lrs were chosen
+    python recipes/compare.py --config recipes/configs/demo.yaml --jobs 2 --seeds 0 1 2
+
+A comparison is a set of arms (each: an optimizer, a loss, a learning rate: any
+``recipes/noisy_dpo.py`` option) crossed with noise rates and seeds, optionally with a list of
+learning rates. Every run is one ``noisy_dpo.main`` call, in this process (no re-import per run),
+or in ``--jobs N`` forked workers, or as a subprocess under ``--launch "accelerate launch ..."``.
+
+The config file (YAML)::
+
+    output_dir: outputs/demo
+    jobs: 2                               # runs in parallel (forked workers); --jobs overrides
+    base_config: offline_tiny.yaml        # a noisy_dpo config, relative to this file
+    args: {eval_steps: 10}                # noisy_dpo options for every run
+    seeds: [0, 1]                         # --seed and --noise_seed of each run
+    noise_rates: [0.3]
+    thresholds: [0.75, 0.85]              # for "first step from which accuracy stays >= t"
+    sustained_from: 0.5                   # sustained accuracy: min over evals at step >= 0.5 * last step
+    comparisons:
+      - name: many_passes
+        title: 400 pairs, 25 epochs
+        args: {train_pairs: 400, num_train_epochs: 25}
+        learning_rates: [1.0e-3, 3.0e-3]  # optional: crossed with every arm that sets no learning_rate
+        arms:
+          - {name: adamw, optim: adamw_torch, learning_rate: 3.0e-3}   # the first arm is the baseline
+          - {name: snr, optim: snr_adamw, learning_rate: 1.0e-2}
+
+Output, per comparison ``OUTPUT_DIR/NAME/``: ``summary.md`` (the table), ``summary.json``
+(everything in it plus per-seed values and curves), ``accuracy.png``, ``drift.png``,
+``flipped_fit.png``, ``mask_mean.png``, and ``runs/ARM/seedS/results.json``. ``OUTPUT_DIR/summary.md``
+holds all tables. The summary statistics are defined in :func:`run_summary`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+ACC = "eval_rewards/accuracies"
+DRIFT = "eval_rewards/drift"
+FLIPPED_FIT = "noise/flipped_fit"
+CLEAN_FIT = "noise/clean_fit"
+MASK = "snr/mask_mean"
+CURVES = {"accuracy": ACC, "drift": DRIFT, "flipped_fit": FLIPPED_FIT, "clean_fit": CLEAN_FIT, "mask_mean": MASK}
+
+
+# -- summary math (pure functions, unit-tested on hand-made curves) ------------------------------------
+def sustained_accuracy(curve: Sequence[tuple[int, float]], from_fraction: float = 0.5) -> float:
+    """The minimum accuracy over the evaluations at step >= ``from_fraction`` * (last evaluated step).
+
+    ``curve`` is [(step, accuracy), ...]. With 0.5 it is the worst accuracy over the second half of
+    training: what a user gets if they stop anywhere late, rather than at a lucky peak. nan for an
+    empty curve.
+    """
+    if not curve:
+        return math.nan
+    if not 0.0 <= from_fraction <= 1.0:
+        raise ValueError(f"Invalid from_fraction: {from_fraction!r} (accepted: [0, 1])")
+    last = max(step for step, _ in curve)
+    return min(acc for step, acc in curve if step >= from_fraction * last)
+
+
+def first_step_staying_above(curve: Sequence[tuple[int, float]], threshold: float) -> int | None:
+    """The first evaluated step from which accuracy is >= ``threshold`` at every later evaluation.
+
+    None when the last evaluation is below the threshold (it never settles above it).
+    """
+    first = None
+    for step, acc in sorted(curve):
+        if acc >= threshold:
+            if first is None:
+                first = step
+        else:
+            first = None
+    return first
+
+
+def curve_of(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of ``key`` in a Trainer log_history (finite values only)."""
+    out = []
+    for entry in log_history:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and "step" in entry:
+            out.append((int(entry["step"]), float(value)))
+    return out
+
+
+def _late(curve: list[tuple[int, float]], from_fraction: float) -> list[float]:
+    if not curve:
+        return []
+    last = max(s for s, _ in curve)
+    return [v for s, v in curve if s >= from_fraction * last]
+
+
+def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], from_fraction: float = 0.5,
+                wall_time_s: float | None = None) -> dict[str, Any]:
+    """One run's numbers.
+
+    * ``final_acc``: clean-eval accuracy at the last evaluation; ``peak_acc``: its maximum.
+    * ``sustained_acc``: :func:`sustained_accuracy` (min over evals at step >= from_fraction * last step).
+    * ``first_step_above[t]``: :func:`first_step_staying_above` for each threshold.
+    * ``drift``: the last clean-eval reward drift, mean |beta log(pi/pi_ref)| over chosen and rejected.
+    * ``flipped_fit`` / ``clean_fit``: the last logged share of swapped / unswapped training pairs the
+      policy prefers as labelled (swapped: memorized noise; 0.5 = chance).
+    * ``mask_mean``: mean of the logged SNR gate mean over the same late window (absent for AdamW,
+      whose gate is 1 by definition).
+    """
+    curves = {name: curve_of(log_history, key) for name, key in CURVES.items()}
+    acc = curves["accuracy"]
+    last = lambda c: c[-1][1] if c else math.nan  # noqa: E731
+    late_mask = _late(curves["mask_mean"], from_fraction)
+    return {
+        "final_acc": last(acc),
+        "peak_acc": max((a for _, a in acc), default=math.nan),
+        "sustained_acc": sustained_accuracy(acc, from_fraction),
+        "first_step_above": {str(t): first_step_staying_above(acc, t) for t in thresholds},
+        "drift": last(curves["drift"]),
+        "flipped_fit": last(curves["flipped_fit"]),
+        "clean_fit": last(curves["clean_fit"]),
+        "mask_mean": statistics.fmean(late_mask) if late_mask else math.nan,
+        "wall_time_s": math.nan if wall_time_s is None else float(wall_time_s),
+        "curves": curves,
+    }
+
+
+def aggregate(values: Sequence[float]) -> dict[str, float]:
+    """mean, sd (sample standard deviation; 0 for one value), min, max and n over seeds, ignoring nan."""
+    finite = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {
+        "mean": statistics.fmean(finite),
+        "sd": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+        "min": min(finite),
+        "max": max(finite),
+        "n": len(finite),
+    }
+
+
+# -- the grid -----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    comparison: str
+    arm: str  # the label shown in the table (name, plus lr / noise when those vary)
+    seed: int
+    noise_rate: float
+    argv: list[str]
+    run_dir: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def to_flags(options: dict[str, Any]) -> list[str]:
+    """{"learning_rate": 1e-3, "use_peft": True, "lora_target_modules": ["q_proj"]} -> noisy_dpo flags."""
+    flags: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, bool):
+            flags.append("true" if value else "false")
+        elif isinstance(value, (list, tuple)):
+            flags.extend(str(v) for v in value)
+        else:
+            flags.append(str(value))
+    return flags
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{float(lr):.0e}".replace("e-0", "e-")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict) or not isinstance(config.get("comparisons"), list) or not config["comparisons"]:
+        raise ValueError(f"{path}: a compare config needs a non-empty 'comparisons' list (see recipes/compare.py)")
+    config["_path"] = str(path)
+    base = config.get("base_config")
+    if base is not None and not os.path.isabs(base):
+        base_path = pathlib.Path(path).resolve().parent / base
+        config["base_config"] = str(base_path if base_path.exists() else pathlib.Path(base).resolve())
+    for comparison in config["comparisons"]:
+        if not comparison.get("name") or not comparison.get("arms"):
+            raise ValueError(f"{path}: every comparison needs a 'name' and 'arms'; got {comparison}")
+        names = [arm.get("name") for arm in comparison["arms"]]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"{path}: comparison {comparison['name']!r}: arms need distinct names, got {names}")
+    return config
+
+
+def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None = None,
+           only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None) -> list[Run]:
+    """Every run of the grid, in order: comparison, arm, learning rate, noise rate, seed."""
+    seeds = list(seeds if seeds is not None else config.get("seeds", [0]))
+    runs = []
+    for comparison in config["comparisons"]:
+        if only and comparison["name"] not in only:
+            continue
+        noise_rates = comparison.get("noise_rates", config.get("noise_rates", [None]))
+        lrs = comparison.get("learning_rates")
+        for arm in comparison["arms"]:
+            arm_opts = {k: v for k, v in arm.items() if k != "name"}
+            arm_lrs = [arm_opts.pop("learning_rate")] if "learning_rate" in arm_opts else (lrs or [None])
+            for lr in arm_lrs:
+                for rate in noise_rates:
+                    label = arm["name"]
+                    if lrs and "learning_rate" not in arm:
+                        label += f" lr={_fmt_lr(lr)}"
+                    if len(noise_rates) > 1:
+                        label += f" noise={rate:g}"
+                    for seed in seeds:
+                        options = {**config.get("args", {}), **comparison.get("args", {}), **arm_opts}
+                        if lr is not None:
+                            options["learning_rate"] = lr
+                        if rate is not None:
+                            options["noise_rate"] = rate
+                        options.update(seed=seed, noise_seed=seed)
+                        options.update(overrides or {})
+                        run_dir = os.path.join(output_dir, comparison["name"], "runs", _slug(label), f"seed{seed}")
+                        options.update(output_dir=run_dir, results_file="results.json")
+                        argv = (["--config", config["base_config"]] if config.get("base_config") else [])
+                        argv += to_flags(options)
+                        runs.append(Run(comparison["name"], label, seed, options.get("noise_rate", 0.0), argv,
+                                        run_dir, {"arm": arm["name"], "lr": options.get("learning_rate"),
+                                                  "optim": options.get("optim"), "loss": options.get("loss_type")}))
+    return runs
+
+
+def check_runs(runs: list[Run]) -> None:
+    """Parse every run's arguments now, so a typo fails before an hour of training, not after."""
+    import noisy_dpo
+
+    for run in runs:
+        noisy_dpo.parse_args(run.argv)
+
+
+# -- running ------------------------------------------------------------------------------------------
+class _StepBar:
+    """A TrainerCallback that drives an inner tqdm bar over the optimizer steps of one run."""
+
+    def __new__(cls, bar):
+        from transformers import TrainerCallback
+
+        class StepBar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                bar.reset(total=state.max_steps)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                bar.update(1)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and ACC in logs:
+                    bar.set_postfix_str(f"clean acc {logs[ACC]:.3f}")
+
+        return StepBar()
+
+
+def _run_in_process(argv: list[str], callbacks=None) -> dict[str, Any]:
+    import noisy_dpo
+
+    return noisy_dpo.main(*noisy_dpo.parse_args(argv), callbacks=callbacks, quiet=True)
+
+
+def _run_subprocess(run: Run, launch: str) -> dict[str, Any]:
+    cmd = [*shlex.split(launch), str(HERE / "noisy_dpo.py"), *run.argv]
+    os.makedirs(run.run_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, "stdout.log"), "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"run {run.arm} seed {run.seed} failed ({proc.returncode}); see {run.run_dir}/stdout.log")
+    with open(os.path.join(run.run_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def _pool_worker(argv: list[str]) -> dict[str, Any]:
+    results = _run_in_process(argv)
+    return {k: results[k] for k in ("log_history", "wall_time_s", "final")}
+
+
+def execute(runs: list[Run], jobs: int = 1, launch: str | None = None, reuse: bool = False) -> dict[int, dict]:
+    """Run everything (with progress bars); returns {index in runs: results}."""
+    from tqdm.auto import tqdm
+
+    done: dict[int, dict] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        path = os.path.join(run.run_dir, "results.json")
+        if reuse and os.path.isfile(path):
+            with open(path) as f:
+                done[i] = json.load(f)
+        else:
+            todo.append(i)
+    outer = tqdm(total=len(runs), initial=len(done), desc="runs", position=0, dynamic_ncols=True)
+    if jobs > 1 and todo and launch is None:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(jobs, maxtasksperchild=None) as pool:
+            futures = {i: pool.apply_async(_pool_worker, (runs[i].argv,)) for i in todo}
+            for i in todo:
+                done[i] = futures[i].get()
+                outer.set_postfix_str(f"{runs[i].comparison}/{runs[i].arm} s{runs[i].seed}")
+                outer.update(1)
+    else:
+        inner = tqdm(total=0, desc="steps", position=1, leave=False, dynamic_ncols=True)
+        for i in todo:
+            run = runs[i]
+            outer.set_postfix_str(f"{run.comparison}/{run.arm} seed {run.seed}")
+            if launch is not None:
+                done[i] = _run_subprocess(run, launch)
+            else:
+                done[i] = _run_in_process(run.argv, callbacks=[_StepBar(inner)])
+            outer.update(1)
+        inner.close()
+    outer.close()
+    return done
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+def _cell(agg: dict[str, float], digits: int = 3) -> str:
+    if not agg["n"]:
+        return "n/a"
+    if agg["n"] == 1:
+        return f"{agg['mean']:.{digits}f}"
+    return f"{agg['mean']:.{digits}f} ± {agg['sd']:.{digits}f}"
+
+
+def _step_cell(steps: list[int | None]) -> str:
+    reached = [s for s in steps if s is not None]
+    if not reached:
+        return f"never (0/{len(steps)})"
+    text = f"{statistics.fmean(reached):.0f}"
+    return text if len(reached) == len(steps) else f"{text} ({len(reached)}/{len(steps)})"
+
+
+def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run], results: list[dict],
+                         thresholds: Sequence[float], from_fraction: float) -> dict[str, Any]:
+    arms: dict[str, dict[str, Any]] = {}
+    for run, res in zip(runs, results):
+        s = run_summary(res["log_history"], thresholds, from_fraction, res.get("wall_time_s"))
+        arm = arms.setdefault(run.arm, {"meta": run.meta, "noise_rate": run.noise_rate, "seeds": {}})
+        arm["seeds"][run.seed] = s
+    scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "drift", "flipped_fit", "clean_fit", "mask_mean",
+                   "wall_time_s")
+    for arm in arms.values():
+        per_seed = list(arm["seeds"].values())
+        arm["stats"] = {k: aggregate([s[k] for s in per_seed]) for k in scalar_keys}
+        arm["first_step_above"] = {str(t): [s["first_step_above"][str(t)] for s in per_seed] for t in thresholds}
+    return {"name": name, "title": comparison.get("title", name), "notes": comparison.get("notes", ""),
+            "thresholds": list(thresholds), "sustained_from": from_fraction, "arms": arms}
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """Plain sentences: every arm against the first (the baseline), with the seed spread as the yardstick."""
+    labels = list(summary["arms"])
+    if len(labels) < 2:
+        return []
+    base_label = labels[0]
+    base = summary["arms"][base_label]["stats"]
+    lines = []
+    for label in labels[1:]:
+        st = summary["arms"][label]["stats"]
+        parts = []
+        for key, what in (("final_acc", "final clean accuracy"), ("sustained_acc", "sustained accuracy")):
+            diff = st[key]["mean"] - base[key]["mean"]
+            noise = max(st[key]["sd"], base[key]["sd"]) if st[key]["n"] > 1 else math.nan
+            if math.isnan(diff):
+                continue
+            if math.isnan(noise):
+                judged = "one seed, no spread to judge by"
+            elif abs(diff) > 2 * noise:
+                judged = "beyond 2 seed sds"
+            else:
+                judged = "within the seed spread"
+            parts.append(f"{what} {diff:+.3f} ({judged})")
+        d, b = st["drift"]["mean"], base["drift"]["mean"]
+        if math.isfinite(d) and math.isfinite(b) and d > 0:
+            parts.append(f"reward drift {d:.3g} vs {b:.3g} ({d / b:.2f}x)")
+        f, fb = st["flipped_fit"]["mean"], base["flipped_fit"]["mean"]
+        if math.isfinite(f) and math.isfinite(fb):
+            parts.append(f"flipped fit {f:.3f} vs {fb:.3f}")
+        lines.append(f"**{label}** vs **{base_label}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    th = summary["thresholds"]
+    frac = summary["sustained_from"]
+    head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", f"sustained acc"]
+    head += [f"first step ≥ {t:g}" for t in th]
+    head += ["drift", "flipped fit", "mask mean", "wall s"]
+    lines = [f"## {summary['title']}", ""]
+    if summary["notes"]:
+        lines += [summary["notes"].strip(), ""]
+    seeds = sorted({s for arm in summary["arms"].values() for s in arm["seeds"]})
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, arm in summary["arms"].items():
+        st, meta = arm["stats"], arm["meta"]
+        lr = meta.get("lr")
+        row = [label, str(meta.get("optim") or ""), "" if lr is None else f"{float(lr):g}", f"{arm['noise_rate']:g}",
+               _cell(st["final_acc"]), _cell(st["peak_acc"]), _cell(st["sustained_acc"])]
+        row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
+        row += [_cell(st["drift"]), _cell(st["flipped_fit"]), _cell(st["mask_mean"]), _cell(st["wall_time_s"], 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"Mean ± sample sd over seeds {seeds}. Accuracy: implicit-reward accuracy on the clean evaluation pairs. "
+        f"Sustained acc: the minimum accuracy over the evaluations at step ≥ {frac:g} × the last step. "
+        f"First step ≥ t: the first evaluated step from which accuracy stays ≥ t at every later evaluation "
+        f"(mean over the seeds that got there; (k/n) when only k did). Drift: mean |β log π/π_ref| over chosen and "
+        f"rejected at the last evaluation. Flipped fit: share of swapped training pairs the policy prefers as "
+        f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). Mask mean: the SNR gate's mean over the same late "
+        f"window (AdamW: 1 by definition). Wall s: per run, including data preparation and evaluations.",
+        "",
+    ]
+    lines += verdict(summary)
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [
+        ("accuracy", "accuracy.png", "clean-eval accuracy"),
+        ("drift", "drift.png", "reward drift |β log π/π_ref| (eval)"),
+        ("flipped_fit", "flipped_fit.png", "flipped fit (swapped training pairs fitted)"),
+        ("mask_mean", "mask_mean.png", "SNR mask mean"),
+    ]
+    paths = []
+    for curve_name, filename, ylabel in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        drawn = 0
+        for label, arm in summary["arms"].items():
+            curves = [s["curves"][curve_name] for s in arm["seeds"].values() if s["curves"][curve_name]]
+            if not curves:
+                continue
+            steps = sorted({step for c in curves for step, _ in c})
+            by_step = [[dict(c).get(step) for c in curves] for step in steps]
+            mean = [statistics.fmean([v for v in vals if v is not None]) for vals in by_step]
+            lo = [min(v for v in vals if v is not None) for vals in by_step]
+            hi = [max(v for v in vals if v is not None) for vals in by_step]
+            (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            drawn += 1
+        if curve_name == "accuracy":
+            for t in summary["thresholds"]:
+                ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
+                ax.annotate(f"{t:g}", xy=(0, t), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                            va="bottom")
+        if curve_name == "flipped_fit":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=0.8)
+        if curve_name == "mask_mean" and drawn < len(summary["arms"]):
+            ax.set_title("arms without a line use AdamW (gate = 1)", fontsize=8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        fig.suptitle(summary["title"], fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, filename)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def report(config: dict[str, Any], runs: list[Run], results: dict[int, dict], output_dir: str,
+           wall_time_s: float) -> str:
+    thresholds = [float(t) for t in config.get("thresholds", [0.55, 0.60])]
+    frac = float(config.get("sustained_from", 0.5))
+    sections = []
+    for comparison in config["comparisons"]:
+        idx = [i for i, r in enumerate(runs) if r.comparison == comparison["name"]]
+        if not idx:
+            continue
+        summary = summarize_comparison(comparison["name"], comparison, [runs[i] for i in idx],
+                                       [results[i] for i in idx], thresholds, frac)
+        out = os.path.join(output_dir, comparison["name"])
+        os.makedirs(out, exist_ok=True)
+        text = markdown(summary)
+        summary["plots"] = plot(summary, out)
+        summary["runs"] = [{"arm": runs[i].arm, "seed": runs[i].seed, "argv": runs[i].argv} for i in idx]
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write(text)
+            f.write("\nPlots: " + ", ".join(os.path.basename(p) for p in summary["plots"]) + "\n")
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(_jsonable(summary), f, indent=1)
+        sections.append(text + "\nPlots: " + ", ".join(summary["plots"]) + "\n")
+    body = "\n".join(sections)
+    total = (f"# Noisy-preference DPO comparison\n\nConfig: `{config['_path']}`; {len(runs)} runs; "
+             f"total wall time {wall_time_s:.0f} s.\n\n") + body
+    with open(os.path.join(output_dir, "summary.md"), "w") as f:
+        f.write(total)
+    return total
+
+
+# -- command line -------------------------------------------------------------------------------------
+def _parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes key=value (a noisy_dpo option), got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().lstrip("-"), yaml.safe_load(value)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True, help="compare config YAML (see the module docstring)")
+    p.add_argument("--output_dir", help="default: the config's output_dir, else outputs/compare")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    p.add_argument("--only", nargs="+", help="run only these comparisons (names)")
+    p.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
+                   help="noisy_dpo option for every run, e.g. --set max_steps=20 (repeatable)")
+    p.add_argument("--jobs", type=int, help="runs in parallel (forked workers, each running arms in-process); "
+                                            "default: the config's jobs, else 1")
+    p.add_argument("--launch", help='run each arm as a subprocess under this launcher, e.g. '
+                                    '"accelerate launch --config_file accelerate_configs/multi_gpu.yaml"')
+    p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists")
+    p.add_argument("--dry_run", action="store_true", help="check and list the runs, train nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> str:
+    opts = make_parser().parse_args(argv)
+    start = time.perf_counter()
+    config = load_config(opts.config)
+    output_dir = opts.output_dir or config.get("output_dir") or "outputs/compare"
+    runs = expand(config, output_dir, opts.seeds, opts.only, dict(opts.overrides))
+    if not runs:
+        raise SystemExit(f"no runs: --only {opts.only} matches none of the comparisons")
+    check_runs(runs)
+    if opts.dry_run:
+        for run in runs:
+            print(f"{run.comparison} | {run.arm} | seed {run.seed} | " + shlex.join(run.argv))
+        return ""
+    jobs = opts.jobs if opts.jobs is not None else int(config.get("jobs", 1))
+    results = execute(runs, jobs=jobs, launch=opts.launch, reuse=opts.reuse)
+    text = report(config, runs, results, output_dir, time.perf_counter() - start)
+    print("\n" + text)
+    print(f"compare: report and plots in {os.path.abspath(output_dir)} (summary.md; one folder per comparison); "
+          f"{time.perf_counter() - start:.0f} s")
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The recipes: noisy_dpo.py end to end, every config parses, compare.py's report and its math, a 2-process launch."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+TINY = str(RECIPES / "configs" / "offline_tiny.yaml")
+
+
+def _load(name):
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def noisy_dpo():
+    return _load("noisy_dpo")
+
+
+@pytest.fixture(scope="module")
+def compare():
+    _load("noisy_dpo")
+    return _load("compare")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_env(monkeypatch):
+    # parse_args sets ACCELERATE_USE_CPU on CPU-only machines; keep it from leaking into other tests.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+
+SMALL = ["--train_pairs", "64", "--eval_pairs", "32", "--max_steps", "3", "--eval_steps", "3",
+         "--logging_steps", "1", "--per_device_train_batch_size", "16"]
+
+
+# -- noisy_dpo.py ---------------------------------------------------------------------------------------
+def test_noisy_dpo_tiny_end_to_end(noisy_dpo, tmp_path):
+    args = noisy_dpo.parse_args(["--config", TINY, *SMALL, "--output_dir", str(tmp_path)])
+    results = noisy_dpo.main(*args)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["train_pairs"] == 64 and on_disk["eval_pairs"] == 32
+    assert on_disk["flipped_pairs"] == round(0.3 * 64)  # exactly 30 % swapped, train split only
+    final = results["final"]
+    for key in ("eval_rewards/accuracies", "eval_rewards/drift", "noise/flipped_fit", "noise/clean_fit",
+                "snr/mask_mean"):
+        assert key in final and math.isfinite(final[key]), key
+    assert 0.0 <= final["eval_rewards/accuracies"] <= 1.0
+    assert results["args"]["training"]["optim"] == "snr_adamw"
+    assert any(e.get("step") == 3 and "eval_rewards/accuracies" in e for e in results["log_history"])
+
+
+def test_noisy_dpo_is_deterministic_and_adamw_is_one_flag(noisy_dpo, tmp_path):
+    argv = ["--config", TINY, *SMALL, "--optim", "adamw_torch", "--eval_strategy", "no"]
+    a = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--output_dir", str(tmp_path / "a")]))
+    b = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--output_dir", str(tmp_path / "b")]))
+    losses = lambda r: [e["loss"] for e in r["log_history"] if "loss" in e]  # noqa: E731
+    assert losses(a) == losses(b) and len(losses(a)) == 3
+    assert not any(k.startswith("snr/") for k in a["final"])  # AdamW arm: same trainer, no snr/* metrics
+
+
+def test_expect_world_size_fails_on_a_single_process(noisy_dpo, tmp_path):
+    args = noisy_dpo.parse_args(["--config", TINY, *SMALL, "--expect_world_size", "2", "--output_dir", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="expect_world_size 2, but this run has 1 process"):
+        noisy_dpo.main(*args)
+
+
+def test_local_jsonl_data_with_holdout(noisy_dpo, tmp_path):
+    from hf_snr.synthetic import make_preference_dataset
+
+    path = tmp_path / "pairs.jsonl"
+    make_preference_dataset(40, 0, seed=1)["train"].to_json(str(path))
+    script, _, _ = noisy_dpo.parse_args(["--config", TINY, "--dataset_name", str(path), "--eval_holdout", "10",
+                                         "--output_dir", str(tmp_path)])
+    train, test = noisy_dpo.load_preference_data(script)
+    assert (len(train), len(test)) == (30, 10)
+    assert {"prompt", "chosen", "rejected"} <= set(train.column_names)
+
+
+def test_string_prompt_with_conversational_pairs_is_dropped(noisy_dpo):
+    from datasets import Dataset
+
+    chat = lambda a: [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]  # noqa: E731
+    ds = Dataset.from_dict({"prompt": ["q"], "chosen": [chat("a")], "rejected": [chat("b")], "messages": [chat("a")]})
+    out = noisy_dpo._normalize_columns(ds)  # UltraFeedback (H4) layout: TRL must extract the implicit prompt
+    assert out.column_names == ["chosen", "rejected"]
+
+
+# -- every config parses (Hub configs parse only; they are not run) -------------------------------------
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses(path, noisy_dpo, compare, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    if "comparisons" in raw:  # a compare.py grid: every run's argv must parse with noisy_dpo's TrlParser
+        config = compare.load_config(path)
+        runs = compare.expand(config, str(tmp_path))
+        assert runs and len({r.run_dir for r in runs}) == len(runs)
+        compare.check_runs(runs)
+        return
+    # --use_cpu lets bf16 configs build their DPOConfig on a CPU-only machine; nothing else is overridden.
+    script, training, model = noisy_dpo.parse_args(["--config", str(path), "--use_cpu", "true"])
+    for key, value in raw.items():  # every key landed in one of the three dataclasses, with its value
+        target = next((o for o in (script, training, model) if hasattr(o, key)), None)
+        assert target is not None, f"{path.name}: unknown key {key}"
+        got = getattr(target, key)
+        got = getattr(got, "value", got)
+        if key == "loss_type":
+            got = got[0] if isinstance(got, list) and len(got) == 1 else got
+        if key == "report_to":
+            continue
+        assert got == value or str(got) == str(value), f"{path.name}: {key} = {got!r}, file says {value!r}"
+    if path.name.startswith("qwen2.5-0.5b_ultrafeedback"):  # the paper's setting
+        assert script.dataset_name == "HuggingFaceH4/ultrafeedback_binarized"
+        assert (script.dataset_train_split, script.dataset_test_split) == ("train_prefs", "test_prefs")
+        assert script.noise_rate == 0.3 and training.beta == 0.1 and training.bf16
+        assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 64
+        assert training.num_train_epochs == 1
+        assert model.use_peft == path.name.endswith("_lora.yaml")
+        if not model.use_peft:
+            assert 5e-7 <= training.learning_rate <= 1e-6
+
+
+# -- compare.py: the summary math on hand-made curves ---------------------------------------------------
+def test_sustained_accuracy(compare):
+    curve = [(10, 0.6), (20, 0.8), (30, 0.74), (40, 0.7), (50, 0.72)]
+    assert compare.sustained_accuracy(curve, 0.5) == 0.7  # evals at step >= 25: 0.74, 0.70, 0.72
+    assert compare.sustained_accuracy(curve, 0.0) == 0.6
+    assert compare.sustained_accuracy(curve, 1.0) == 0.72
+    assert compare.sustained_accuracy(curve, 0.4) == 0.7  # step 20 is the boundary: 20 >= 0.4 * 50 includes 0.8
+    assert math.isnan(compare.sustained_accuracy([], 0.5))
+    with pytest.raises(ValueError):
+        compare.sustained_accuracy(curve, 1.5)
+
+
+def test_first_step_staying_above(compare):
+    curve = [(10, 0.5), (20, 0.62), (30, 0.58), (40, 0.61), (50, 0.65)]
+    assert compare.first_step_staying_above(curve, 0.55) == 20
+    assert compare.first_step_staying_above(curve, 0.60) == 40  # the dip at 30 restarts the count
+    assert compare.first_step_staying_above(curve, 0.65) == 50  # ">=": reaching the threshold counts
+    assert compare.first_step_staying_above(curve, 0.70) is None
+    assert compare.first_step_staying_above([(10, 0.7), (20, 0.5)], 0.6) is None  # falls below at the end
+    assert compare.first_step_staying_above(list(reversed(curve)), 0.55) == 20  # order-independent
+
+
+def test_run_summary_and_aggregate(compare):
+    log = [
+        {"loss": 0.7, "noise/flipped_fit": 0.4, "snr/mask_mean": 1.0, "step": 10},
+        {"eval_rewards/accuracies": 0.6, "eval_rewards/drift": 0.1, "step": 10},
+        {"loss": 0.6, "noise/flipped_fit": 0.7, "noise/clean_fit": 0.9, "snr/mask_mean": 0.06, "step": 20},
+        {"eval_rewards/accuracies": 0.8, "eval_rewards/drift": 0.5, "step": 20},
+        {"loss": 0.5, "noise/flipped_fit": 0.9, "snr/mask_mean": 0.04, "step": 30},
+        {"eval_rewards/accuracies": 0.7, "eval_rewards/drift": 0.9, "step": 30},
+        {"train_runtime": 3.0, "step": 30},
+    ]
+    s = compare.run_summary(log, [0.65, 0.75], 0.5, wall_time_s=12.0)
+    assert (s["final_acc"], s["peak_acc"], s["sustained_acc"]) == (0.7, 0.8, 0.7)
+    assert s["first_step_above"] == {"0.65": 20, "0.75": None}
+    assert (s["drift"], s["flipped_fit"], s["clean_fit"]) == (0.9, 0.9, 0.9)
+    assert s["mask_mean"] == pytest.approx(0.05)  # logs at step >= 15: 0.06 and 0.04
+    assert s["wall_time_s"] == 12.0
+    assert math.isnan(compare.run_summary([], [0.5])["final_acc"])
+    agg = compare.aggregate([0.7, 0.8, float("nan"), None])
+    assert agg["n"] == 2 and agg["mean"] == pytest.approx(0.75) and agg["sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert compare.aggregate([0.5])["sd"] == 0.0 and compare.aggregate([])["n"] == 0
+
+
+def test_expand_grid(compare, tmp_path):
+    config = {"_path": "x", "base_config": TINY, "seeds": [0, 1], "noise_rates": [0.1, 0.3],
+              "comparisons": [{"name": "c", "learning_rates": [1e-3, 3e-3],
+                               "arms": [{"name": "adamw", "optim": "adamw_torch"},
+                                        {"name": "snr", "optim": "snr_adamw", "learning_rate": 1e-2}]}]}
+    runs = compare.expand(config, str(tmp_path), overrides={"max_steps": 2})
+    assert len(runs) == (2 + 1) * 2 * 2
+    labels = sorted({r.arm for r in runs})
+    assert labels == ["adamw lr=1e-3 noise=0.1", "adamw lr=1e-3 noise=0.3", "adamw lr=3e-3 noise=0.1",
+                      "adamw lr=3e-3 noise=0.3", "snr noise=0.1", "snr noise=0.3"]
+    run = runs[0]
+    flags = dict(zip(run.argv[::2], run.argv[1::2]))
+    assert flags["--config"] == TINY and flags["--seed"] == flags["--noise_seed"] == "0"
+    assert flags["--max_steps"] == "2" and flags["--output_dir"] == run.run_dir
+    assert compare.to_flags({"use_peft": True, "lora_target_modules": ["q", "v"], "x": None}) == [
+        "--use_peft", "true", "--lora_target_modules", "q", "v"]
+
+
+# -- compare.py end to end on a 2 x 1 grid ---------------------------------------------------------------
+def test_compare_writes_table_json_and_plots(compare, tmp_path):
+    import yaml
+
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "base_config": TINY,
+        "args": {"train_pairs": 64, "eval_pairs": 32, "max_steps": 4, "eval_steps": 2, "logging_steps": 2,
+                 "per_device_train_batch_size": 16},
+        "seeds": [0],
+        "noise_rates": [0.3],
+        "thresholds": [0.55, 0.6],
+        "comparisons": [{"name": "tiny_grid", "title": "tiny grid", "arms": [
+            {"name": "adamw", "optim": "adamw_torch", "learning_rate": 3.0e-3},
+            {"name": "snr", "optim": "snr_adamw", "learning_rate": 1.0e-2}]}],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = compare.main(["--config", str(path)])
+    folder = pathlib.Path(out) / "tiny_grid"
+    table = (folder / "summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| arm | optim | lr | noise | final acc") and "first step ≥ 0.55" in rows[0]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| adamw", "| snr"]
+    assert "**snr** vs **adamw**" in table
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["arms"]) == {"adamw", "snr"}
+    for label, arm in summary["arms"].items():
+        for key in ("final_acc", "peak_acc", "sustained_acc", "drift", "flipped_fit", "wall_time_s"):
+            assert math.isfinite(arm["stats"][key]["mean"]), (label, key)
+    assert math.isfinite(summary["arms"]["snr"]["stats"]["mask_mean"]["mean"])
+    assert summary["arms"]["adamw"]["stats"]["mask_mean"]["n"] == 0  # AdamW logs no gate
+    for name in ("accuracy.png", "drift.png", "flipped_fit.png", "mask_mean.png"):
+        data = (folder / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    assert (pathlib.Path(out) / "summary.md").read_text().count("| adamw |") == 1
+
+
+# -- two processes (DDP over gloo on CPU) -----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_launch(tmp_path):
+    accelerate = pathlib.Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+           "--main_process_port", str(_free_port()), str(RECIPES / "noisy_dpo.py"),
+           "--config", TINY, *SMALL, "--expect_world_size", "2", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert math.isfinite(results["final"]["eval_rewards/accuracies"])
+    assert "snr/mask_mean" in results["final"]
