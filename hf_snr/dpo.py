@@ -295,20 +295,22 @@ class SNRDPOTrainer(DPOTrainer):
                     "report this with your trl version."
                 )
             ref_logps = self._sequence_logps(ref_lp, mask)
-        ratios = logps - ref_logps.to(logps.dtype)
+        ratios = logps - ref_logps  # dtype promotion as in TRL
         chosen, rejected = ratios.chunk(2, dim=0)  # TRL's batch layout: [all chosen; all rejected]
         return chosen, rejected
 
     def _verify_against_trl(self, mode: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         """Our rewards must reproduce TRL's logged means (same gather); otherwise TRL changed under us."""
-        gathered = self.accelerator.gather(torch.stack([chosen_rewards, rejected_rewards], dim=1).float())
-        ours = gathered.mean(dim=0).tolist()
+        gathered = self.accelerator.gather(torch.stack([chosen_rewards, rejected_rewards], dim=1))
+        ours = gathered.float().mean(dim=0).tolist()
+        # TRL averages in the rewards' dtype: allow for its rounding in half precision
+        rel = 1e-4 if gathered.dtype in (torch.float32, torch.float64) else 4 * torch.finfo(gathered.dtype).eps
         for key, value in zip(("rewards/chosen", "rewards/rejected"), ours):
             logged = self._metrics[mode].get(key)
             if not logged:
                 warnings.warn(f"SNRDPOTrainer: TRL logged no {key!r}; cannot cross-check rewards/drift and noise/*")
                 return
-            if not abs(value - logged[-1]) <= 1e-4 * (1.0 + abs(logged[-1])):
+            if not abs(value - logged[-1]) <= rel * (1.0 + abs(logged[-1])):
                 raise RuntimeError(
                     f"SNRDPOTrainer: recomputed {key} = {value:.6g} but TRL logged {logged[-1]:.6g}; TRL's DPO "
                     "internals changed, so rewards/drift and noise/* would be wrong. Please report this with your "

@@ -205,6 +205,23 @@ def test_metrics_pool_counts_not_batch_ratios(tmp_path):
     assert trainer._pair_sums["train"] == {}
 
 
+def test_recomputed_rewards_are_checked_against_trl(tmp_path):
+    train, _ = task(NOISE)
+    trainer = make_trainer(make_args(tmp_path, per_device_train_batch_size=8), train)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    reduce = trainer._sequence_logps
+    trainer._sequence_logps = lambda lp, mask: reduce(lp, mask) * 1.01  # a TRL change we would not follow
+    with pytest.raises(RuntimeError, match="internals changed"):
+        trainer.compute_loss(trainer.model, inputs)
+    trainer._sequence_logps = reduce
+    trainer.compute_loss(trainer.model, inputs)  # checked once per mode, then trusted
+    assert trainer._verified_modes == {"train"}
+
+
 # -- a full noisy run: every metric, train and eval, and step 0 -------------------------------------------
 def test_noisy_run_logs_all_metrics_train_and_eval(tmp_path):
     train, _ = task(NOISE)
