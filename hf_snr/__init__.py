@@ -14,6 +14,26 @@ from .registration import SNRRegistrationError, is_registered, register
 
 __version__ = "0.1.0"
 
+# TRL-dependent and data helpers load on first use, so `import hf_snr` does not import trl.
+_LAZY = {
+    "SNRDPOConfig": "dpo",
+    "SNRDPOTrainer": "dpo",
+    "DPO_METRICS": "dpo",
+    "cdpo_loss": "dpo",
+    "swap_preferences": "data",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_snr' has no attribute {name!r}")
+
+
 try:
     register()
 except SNRRegistrationError as _err:  # pragma: no cover - depends on the installed transformers
@@ -32,4 +52,5 @@ __all__ = [
     "register",
     "is_registered",
     "SNRRegistrationError",
+    *_LAZY,
 ]
