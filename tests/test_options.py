@@ -88,11 +88,11 @@ def test_finite_data_alpha():
     assert finite_data_alpha(4, 8, 5.0)[0] == 1.0  # full batch: formula diverges, 1 kept
 
 
-def _callback_for(n, per_device, ga, max_steps, batches_per_epoch):
+def _callback_for(n, per_device, ga, max_steps, batches_per_epoch, world_size=1):
     trainer = SimpleNamespace(train_dataset=list(range(n)) if n is not None else iter(()))
     cb = SNRCallback(trainer)
-    args = SimpleNamespace(per_device_train_batch_size=per_device, gradient_accumulation_steps=ga, world_size=1,
-                           num_train_epochs=1.0)
+    args = SimpleNamespace(per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
+                           world_size=world_size, num_train_epochs=1.0)
     cb._updates_per_epoch = cb._steps_per_epoch(args, range(batches_per_epoch))
     return cb._auto_alpha(args, SimpleNamespace(max_steps=max_steps))
 
@@ -104,6 +104,9 @@ def test_auto_alpha_counts_passes_like_the_trainer():
     assert _callback_for(10, 4, 1, 6, 3)[0] == pytest.approx(4 / 6)
     # gradient accumulation counts in b: per-device 2 x GA 2, 5 batches per pass -> 3 updates per pass
     assert _callback_for(10, 2, 2, 6, 5)[0] == pytest.approx(4 / 6)
+    # data parallel: b = per-device 2 x GA 1 x 2 ranks = 4; each rank's dataloader has 16/2/2 = 4 batches
+    assert _callback_for(16, 2, 1, 4, 4, world_size=2)[0] == 1.0
+    assert _callback_for(16, 2, 1, 8, 4, world_size=2)[0] == pytest.approx(4 / 12)
     # no length (iterable data set): one pass assumed
     assert _callback_for(None, 4, 1, 50, 0)[0] == 1.0
 

@@ -199,6 +199,24 @@ def test_risk_logging_every_step_accumulates_noise(tmp_path, monkeypatch):
     assert logs[-1]["snr/mask_mean"] < 1.0  # soft gate after warm-up
 
 
+def test_unforeseen_log_step_warns_once(tmp_path, monkeypatch, caplog):
+    class LogAtStep3(TrainerCallback):  # a user callback that asks for a log the Trainer's rule does not
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_log = True
+
+    counter = StatsCounter(monkeypatch)
+    args = train_args(tmp_path, optim="snr_adamw", max_steps=4, logging_steps=2)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(16), callbacks=[LogAtStep3()])
+    with caplog.at_level(logging.WARNING, logger="hf_snr"):
+        trainer.train()
+    logs = _assert_snr_logs(trainer, [2, 3, 4])
+    assert counter.steps == [2, 4]
+    assert logs[1]["snr/noise"] == logs[0]["snr/noise"]  # step 3 carries step 2's statistics ...
+    stale = [r for r in caplog.records if "last requested for step 2" in r.getMessage()]
+    assert len(stale) == 1  # ... and says so, once
+
+
 def test_risk_logging_epoch_strategy(tmp_path, monkeypatch):
     counter = StatsCounter(monkeypatch)
     args = train_args(tmp_path, optim="snr_adamw", logging_strategy="epoch", max_steps=5,
@@ -384,6 +402,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
         assert lb[step]["snr/noise"] == pytest.approx(la[step]["snr/noise"], rel=1e-4)
     # it continues from the checkpoint's running sum, it does not restart at 0
     assert lb[6]["snr/cumulative_noise"] > lb[5]["snr/cumulative_noise"] > lb[6]["snr/noise"]
+    # the training_args.bin the Trainer wrote loads back with the registered name
+    saved = torch.load(tmp_path / "a" / "out" / "checkpoint-5" / "training_args.bin", weights_only=False)
+    assert saved.optim == "snr_adamw" and saved.optim_args == "mask=soft,warmup_steps=2"
 
 
 # -- bf16 -----------------------------------------------------------------------------------------
