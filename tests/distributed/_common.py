@@ -127,9 +127,10 @@ def tiny_llama(seed: int = 0):
 class TinyNet(torch.nn.Module):
     """A small MLP for the raw DeepSpeed checks (fast to build, several tensors per flat group).
 
-    Every parameter has an even number of elements and each decay / no-decay group a multiple of 4,
-    so ZeRO (2 ranks, 2-element alignment) adds no padding: the flat partitions hold exactly the
-    model's coordinates and the statistics can be compared to the single-process run exactly.
+    With d_out=4 every parameter has an even number of elements and each decay / no-decay group a
+    multiple of 4, so ZeRO (2 ranks, 2-element alignment) adds no padding: the flat partitions hold
+    exactly the model's coordinates. d_out=3 gives an odd-sized bias, hence one padding element in
+    the ZeRO-1/2 flat group and in ZeRO-3's partition of that bias.
     """
 
     def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 4):
@@ -146,19 +147,20 @@ class TinyNet(torch.nn.Module):
         return self.head(h)
 
 
-def tiny_net(seed: int = 0) -> TinyNet:
+def tiny_net(seed: int = 0, d_out: int = 4) -> TinyNet:
     torch.manual_seed(seed)
-    return TinyNet()
+    return TinyNet(d_out=d_out)
 
 
-def regression_batches(steps: int, global_batch: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def regression_batches(steps: int, global_batch: int, seed: int = 1,
+                       d_out: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` global batches (x, y) of a noisy linear-plus-tanh regression task."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(8, 4, generator=g)
+    w = torch.randn(8, d_out, generator=g)
     out = []
     for _ in range(steps):
         x = torch.randn(global_batch, 8, generator=g)
-        y = torch.tanh(x @ w) + 0.5 * torch.randn(global_batch, 4, generator=g)
+        y = torch.tanh(x @ w) + 0.5 * torch.randn(global_batch, d_out, generator=g)
         out.append((x, y))
     return out
 

@@ -46,6 +46,9 @@ def cases() -> list[dict]:
         out.append(dict(name=f"zero{stage}_two_groups", stage=stage, split=True))
     # ZeRO-3 splits a group into sub-groups of sub_group_size elements; step() runs once per sub-group
     out.append(dict(name="zero3_sub_groups", stage=3, split=False, ds_extra={"sub_group_size": 100}))
+    for stage in (2, 3):
+        # an odd-sized parameter: ZeRO pads the flat partitions with zeros the optimizer also steps on
+        out.append(dict(name=f"zero{stage}_padded", stage=stage, split=False, d_out=3))
     for stage in (1, 2, 3):
         out.append(dict(name=f"zero{stage}_tensor", stage=stage, split=False, opt_extra={"reduction": "tensor"},
                         expect_error=True))
@@ -75,7 +78,8 @@ def run_case(case: dict, rank: int) -> dict:
     from hf_snr import SNRAdamW
     from hf_snr.integration import deepspeed_partition_group
 
-    model = _common.tiny_net(seed=0)
+    d_out = case.get("d_out", 4)
+    model = _common.tiny_net(seed=0, d_out=d_out)
     total_numel = sum(p.numel() for p in model.parameters())
     opt = SNRAdamW(_common.param_groups(model, OPT_KWARGS["weight_decay"], case["split"]),
                    **{**OPT_KWARGS, **case.get("opt_extra", {})})
@@ -83,6 +87,7 @@ def run_case(case: dict, rank: int) -> dict:
                                                 config=ds_config(case["stage"], case.get("ds_extra")))
     assert engine.zero_optimization_stage() == case["stage"]
     assert dist.get_world_size() == WORLD and dist.get_backend() == "gloo"
+    assert engine.gradient_clipping() == 0.0  # DeepSpeed's default clips at 1.0; the reference does not clip
 
     # the integration's choice of statistics group for this optimizer chain
     group = deepspeed_partition_group(ds_opt, opt)
@@ -102,7 +107,7 @@ def run_case(case: dict, rank: int) -> dict:
     opt.step = counting_step
 
     stats, calls_per_step = [], []
-    for k, (x, y) in enumerate(_common.regression_batches(STEPS, WORLD * GA * MICRO)):
+    for k, (x, y) in enumerate(_common.regression_batches(STEPS, WORLD * GA * MICRO, d_out=d_out)):
         calls["n"] = 0
         opt.request_stats()
         for j in range(GA):
