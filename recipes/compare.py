@@ -22,11 +22,13 @@ The config file (YAML)::
     comparisons:
       - name: many_passes
         title: 400 pairs, 25 epochs
+        thresholds: [0.6, 0.7]            # optional per comparison (also sustained_from)
         args: {train_pairs: 400, num_train_epochs: 25}
         learning_rates: [1.0e-3, 3.0e-3]  # optional: crossed with every arm that sets no learning_rate
         arms:
           - {name: adamw, optim: adamw_torch, learning_rate: 3.0e-3}   # the first arm is the baseline
           - {name: snr, optim: snr_adamw, learning_rate: 1.0e-2}
+          - {name: snr_sweep, optim: snr_adamw, learning_rates: [1.0e-2, 3.0e-2]}  # this arm's own lr grid
 
 Output, per comparison ``OUTPUT_DIR/NAME/``: ``summary.md`` (the table), ``summary.json``
 (everything in it plus per-seed values and curves), ``accuracy.png``, ``drift.png``,
@@ -224,12 +226,17 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
         noise_rates = comparison.get("noise_rates", config.get("noise_rates", [None]))
         lrs = comparison.get("learning_rates")
         for arm in comparison["arms"]:
-            arm_opts = {k: v for k, v in arm.items() if k != "name"}
-            arm_lrs = [arm_opts.pop("learning_rate")] if "learning_rate" in arm_opts else (lrs or [None])
+            arm_opts = {k: v for k, v in arm.items() if k not in ("name", "learning_rates")}
+            if "learning_rate" in arm_opts:
+                arm_lrs, sweep = [arm_opts.pop("learning_rate")], False
+            elif arm.get("learning_rates"):
+                arm_lrs, sweep = list(arm["learning_rates"]), True
+            else:
+                arm_lrs, sweep = lrs or [None], bool(lrs)
             for lr in arm_lrs:
                 for rate in noise_rates:
                     label = arm["name"]
-                    if lrs and "learning_rate" not in arm:
+                    if sweep:
                         label += f" lr={_fmt_lr(lr)}"
                     if len(noise_rates) > 1:
                         label += f" noise={rate:g}"
@@ -406,6 +413,25 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def best_learning_rates(summary: dict[str, Any], key: str = "sustained_acc") -> dict[str, dict[str, Any]]:
+    """Per arm name swept over several learning rates: the lr with the highest mean ``key`` (and its stats)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for label, arm in summary["arms"].items():
+        groups.setdefault(str(arm["meta"].get("arm", label)), []).append((label, arm))
+    best = {}
+    for name, members in groups.items():
+        lrs = {m[1]["meta"].get("lr") for m in members}
+        if len(lrs) < 2:
+            continue
+        scored = [(arm["stats"][key]["mean"], label, arm) for label, arm in members
+                  if math.isfinite(arm["stats"][key]["mean"])]
+        if scored:
+            value, label, arm = max(scored, key=lambda t: t[0])
+            best[name] = {"label": label, "lr": arm["meta"].get("lr"), key: value,
+                          "final_acc": arm["stats"]["final_acc"]["mean"]}
+    return best
+
+
 def markdown(summary: dict[str, Any]) -> str:
     th = summary["thresholds"]
     frac = summary["sustained_from"]
@@ -436,7 +462,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"window (AdamW: 1 by definition). Wall s: per run, including data preparation and evaluations.",
         "",
     ]
-    lines += verdict(summary)
+    best = best_learning_rates(summary)
+    if best:
+        lines += ["Best learning rate per arm (highest mean sustained accuracy): " + "; ".join(
+            f"**{name}** lr={float(b['lr']):g} (sustained {b['sustained_acc']:.3f}, final {b['final_acc']:.3f})"
+            for name, b in best.items()) + ".", ""]
+    else:
+        lines += verdict(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -512,11 +544,15 @@ def report(config: dict[str, Any], runs: list[Run], results: dict[int, dict], ou
         if not idx:
             continue
         summary = summarize_comparison(comparison["name"], comparison, [runs[i] for i in idx],
-                                       [results[i] for i in idx], thresholds, frac)
+                                       [results[i] for i in idx],
+                                       [float(t) for t in comparison.get("thresholds", thresholds)],
+                                       float(comparison.get("sustained_from", frac)))
         out = os.path.join(output_dir, comparison["name"])
         os.makedirs(out, exist_ok=True)
         text = markdown(summary)
         summary["plots"] = plot(summary, out)
+        summary["best_lr"] = best_learning_rates(summary)
+        summary["verdict"] = verdict(summary)
         summary["runs"] = [{"arm": runs[i].arm, "seed": runs[i].seed, "argv": runs[i].argv} for i in idx]
         with open(os.path.join(out, "summary.md"), "w") as f:
             f.write(text)

@@ -44,6 +44,7 @@ same dict, so :mod:`compare` runs many arms in one process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import json
@@ -346,6 +347,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Set an environment variable for the duration (None: leave it as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def _quiet_libraries() -> None:
     import datasets
     import transformers
@@ -378,25 +395,33 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
             "--eval_holdout N, or --eval_strategy no"
         )
 
+    if training_args.precompute_ref_log_probs and training_args.world_size > 1 and not train.cache_files:
+        # TRL caches the precomputed reference log-probs in a file next to the data set and has the other ranks
+        # read rank 0's file; an in-memory data set (synthetic, swapped) puts it in a per-process temp folder.
+        logger.warning("precompute_ref_log_probs is turned off: with %d processes TRL needs a file-backed data set "
+                       "for it, and this one is in memory. The reference model runs every step instead.",
+                       training_args.world_size)
+        training_args.precompute_ref_log_probs = False
     model, ref_model, tokenizer = build_model(script_args, training_args, model_args, train, test)
-    trainer = SNRDPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=test,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=callbacks,
-    )
-    check_world_size(trainer, script_args.expect_world_size)
-    if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    # quiet: TRL's reference-log-prob bars (at construction and at evaluation) read TQDM_DISABLE at call time
+    with _env("TQDM_DISABLE", "1" if quiet else None):
+        trainer = SNRDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
+        )
+        check_world_size(trainer, script_args.expect_world_size)
+        if quiet:
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if script_args.save_model:
         trainer.save_model(training_args.output_dir)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
