@@ -114,7 +114,7 @@ def _late(curve: list[tuple[int, float]], from_fraction: float) -> list[float]:
 
 
 def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], from_fraction: float = 0.5,
-                wall_time_s: float | None = None) -> dict[str, Any]:
+                wall_time_s: float | None = None, cpu_time_s: float | None = None) -> dict[str, Any]:
     """One run's numbers.
 
     * ``final_acc``: clean-eval accuracy at the last evaluation; ``peak_acc``: its maximum.
@@ -140,6 +140,7 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
         "clean_fit": last(curves["clean_fit"]),
         "mask_mean": statistics.fmean(late_mask) if late_mask else math.nan,
         "wall_time_s": math.nan if wall_time_s is None else float(wall_time_s),
+        "cpu_time_s": math.nan if cpu_time_s is None else float(cpu_time_s),
         "curves": curves,
     }
 
@@ -304,13 +305,25 @@ def _run_subprocess(run: Run, launch: str) -> dict[str, Any]:
         return json.load(f)
 
 
+_STEP_COUNTER = None  # a multiprocessing.Value shared with forked workers: optimizer steps done, all runs
+
+
 def _pool_worker(argv: list[str]) -> dict[str, Any]:
-    results = _run_in_process(argv)
-    return {k: results[k] for k in ("log_history", "wall_time_s", "final")}
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if _STEP_COUNTER is not None:
+                with _STEP_COUNTER.get_lock():
+                    _STEP_COUNTER.value += 1
+
+    results = _run_in_process(argv, callbacks=[CountSteps()])
+    return {k: results[k] for k in ("log_history", "wall_time_s", "cpu_time_s", "final")}
 
 
 def execute(runs: list[Run], jobs: int = 1, launch: str | None = None, reuse: bool = False) -> dict[int, dict]:
     """Run everything (with progress bars); returns {index in runs: results}."""
+    global _STEP_COUNTER
     from tqdm.auto import tqdm
 
     done: dict[int, dict] = {}
@@ -324,13 +337,27 @@ def execute(runs: list[Run], jobs: int = 1, launch: str | None = None, reuse: bo
             todo.append(i)
     outer = tqdm(total=len(runs), initial=len(done), desc="runs", position=0, dynamic_ncols=True)
     if jobs > 1 and todo and launch is None:
+        # fork: the workers inherit the imported libraries (no re-import per worker) and the step counter
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ctx.Pool(jobs, maxtasksperchild=None) as pool:
-            futures = {i: pool.apply_async(_pool_worker, (runs[i].argv,)) for i in todo}
-            for i in todo:
-                done[i] = futures[i].get()
-                outer.set_postfix_str(f"{runs[i].comparison}/{runs[i].arm} s{runs[i].seed}")
+        _STEP_COUNTER = ctx.Value("l", 0)
+        steps = tqdm(desc="optimizer steps (all workers)", unit="step", position=1, leave=False, dynamic_ncols=True)
+
+        def finished(i):
+            def callback(result):
+                done[i] = result
+                outer.set_postfix_str(f"done: {runs[i].comparison}/{runs[i].arm} seed {runs[i].seed}")
                 outer.update(1)
+            return callback
+
+        with ctx.Pool(jobs) as pool:
+            futures = [pool.apply_async(_pool_worker, (runs[i].argv,), callback=finished(i)) for i in todo]
+            while not all(f.ready() for f in futures):
+                time.sleep(0.5)
+                steps.update(_STEP_COUNTER.value - steps.n)
+            for f in futures:
+                f.get()  # re-raises a worker's exception
+        steps.close()
+        _STEP_COUNTER = None
     else:
         inner = tqdm(total=0, desc="steps", position=1, leave=False, dynamic_ncols=True)
         for i in todo:
@@ -367,11 +394,11 @@ def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run],
                          thresholds: Sequence[float], from_fraction: float) -> dict[str, Any]:
     arms: dict[str, dict[str, Any]] = {}
     for run, res in zip(runs, results):
-        s = run_summary(res["log_history"], thresholds, from_fraction, res.get("wall_time_s"))
+        s = run_summary(res["log_history"], thresholds, from_fraction, res.get("wall_time_s"), res.get("cpu_time_s"))
         arm = arms.setdefault(run.arm, {"meta": run.meta, "noise_rate": run.noise_rate, "seeds": {}})
         arm["seeds"][run.seed] = s
     scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "drift", "flipped_fit", "clean_fit", "mask_mean",
-                   "wall_time_s")
+                   "wall_time_s", "cpu_time_s")
     for arm in arms.values():
         per_seed = list(arm["seeds"].values())
         arm["stats"] = {k: aggregate([s[k] for s in per_seed]) for k in scalar_keys}
@@ -437,7 +464,7 @@ def markdown(summary: dict[str, Any]) -> str:
     frac = summary["sustained_from"]
     head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", f"sustained acc"]
     head += [f"first step ≥ {t:g}" for t in th]
-    head += ["drift", "flipped fit", "mask mean", "wall s"]
+    head += ["drift", "flipped fit", "mask mean", "wall s", "cpu s"]
     lines = [f"## {summary['title']}", ""]
     if summary["notes"]:
         lines += [summary["notes"].strip(), ""]
@@ -449,7 +476,8 @@ def markdown(summary: dict[str, Any]) -> str:
         row = [label, str(meta.get("optim") or ""), "" if lr is None else f"{float(lr):g}", f"{arm['noise_rate']:g}",
                _cell(st["final_acc"]), _cell(st["peak_acc"]), _cell(st["sustained_acc"])]
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
-        row += [_cell(st["drift"]), _cell(st["flipped_fit"]), _cell(st["mask_mean"]), _cell(st["wall_time_s"], 0)]
+        row += [_cell(st["drift"]), _cell(st["flipped_fit"]), _cell(st["mask_mean"]), _cell(st["wall_time_s"], 0),
+                _cell(st["cpu_time_s"], 0)]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
@@ -459,7 +487,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"(mean over the seeds that got there; (k/n) when only k did). Drift: mean |β log π/π_ref| over chosen and "
         f"rejected at the last evaluation. Flipped fit: share of swapped training pairs the policy prefers as "
         f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). Mask mean: the SNR gate's mean over the same late "
-        f"window (AdamW: 1 by definition). Wall s: per run, including data preparation and evaluations.",
+        f"window (AdamW: 1 by definition). Wall s / cpu s: per run, including data preparation and evaluations "
+        f"(cpu s: the run's own CPU time, what a busy shared machine does not inflate).",
         "",
     ]
     best = best_learning_rates(summary)
