@@ -8,7 +8,8 @@ process group at all. After every step the full parameters, the optimizer state 
 steps, last_stats must agree; with reduction="tensor" that only holds if the per-tensor sums are
 all-reduced over the shard group, and the statistics only if they are summed over it.
 
-Cases: element and tensor reductions, all three masks, both code paths, and both ways an optimizer
+Cases: element and tensor reductions, all three masks, both code paths (the foreach one also with
+blocks that cut the local shards into views), and both ways an optimizer
 meets FSDP2: constructed after fully_shard (on the DTensor parameters), and accelerate's way
 (constructed on the original parameters, then its param_groups re-pointed to the sharded ones).
 A gradient that is nan on rank 1 only must make *both* ranks skip the step. Prints one
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import hf_snr.optimizer as optimizer_module
 from hf_snr.optimizer import SNRAdamW
 
 STEPS = 7
@@ -32,12 +34,12 @@ NAN_STEP = 5          # rank 1 alone sees a nan gradient here: every rank must s
 STATS_STEPS = {3, 4, 6, 7}
 BATCH = 32
 CASES = [
-    # (reduction, mask, foreach, construct)
-    ("element", "snr", True, "after"),
-    ("element", "soft", False, "repoint"),
-    ("tensor", "soft", True, "after"),
-    ("tensor", "hard", False, "after"),
-    ("tensor", "snr", True, "repoint"),
+    # (reduction, mask, foreach, construct, CPU block size of the foreach path: None = default)
+    ("element", "snr", True, "after", 5),
+    ("element", "soft", False, "repoint", None),
+    ("tensor", "soft", True, "after", None),
+    ("tensor", "hard", False, "after", None),
+    ("tensor", "snr", True, "repoint", 5),
 ]
 HP = dict(lr=2e-2, weight_decay=0.05, warmup_steps=2, alpha=0.5, softness=2.0)
 
@@ -69,9 +71,12 @@ def close(a, b, what, rtol=1e-5, atol=1e-6):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def run_case(rank, mesh, reduction, mask, foreach, construct):
+def run_case(rank, mesh, reduction, mask, foreach, construct, block):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
+
+    # a block of 5 elements cuts the local shards into views (the reference keeps the default)
+    default_block = optimizer_module._CPU_BLOCK_NUMEL
 
     hp = dict(HP, reduction=reduction, mask=mask, foreach=foreach)
     torch.manual_seed(0)
@@ -108,9 +113,11 @@ def run_case(rank, mesh, reduction, mask, foreach, construct):
             model.l2.weight.grad.to_local()[0, 0] = float("nan")
         if step in STATS_STEPS:
             opt.request_stats()
+        optimizer_module._CPU_BLOCK_NUMEL = block or default_block
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt.step()
+        optimizer_module._CPU_BLOCK_NUMEL = default_block
         skipped = any("non-finite gradient" in str(w.message) for w in caught)
         assert skipped == (step == NAN_STEP), (rank, step, skipped)
 
