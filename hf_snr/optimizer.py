@@ -556,12 +556,11 @@ def _blocks(tensors: list[list[torch.Tensor]], block_numel: int | None):
         row = [ts[i] for ts in tensors]
         numel = row[0].numel()
         if numel <= block_numel or not all(t.is_contiguous() for t in row):
-            pieces = [(0, numel, row)]
+            pieces = [row]
         else:
             flat = [t.view(-1) for t in row]
-            pieces = [(a, min(a + block_numel, numel), None) for a in range(0, numel, block_numel)]
-            pieces = [(a, b, [f[a:b] for f in flat]) for a, b, _ in pieces]
-        for _a, _b, views in pieces:
+            pieces = [[f[a:a + block_numel] for f in flat] for a in range(0, numel, block_numel)]
+        for views in pieces:
             k = views[0].numel()
             if current and size + k > block_numel:
                 blocks.append(current)
@@ -587,8 +586,8 @@ class _multi_tensor:
         return _blocks(lists, _CPU_BLOCK_NUMEL * min(torch.get_num_threads(), 4) if on_cpu else None)
 
     @staticmethod
-    def _moments(group, block):
-        """m, v, s of one block, in place; returns the fp32 gradients."""
+    def _moments(group, block) -> None:
+        """m, v, s of one block, in place."""
         beta1, beta2 = group["betas"]
         rho = group["rho"]
         g = [x[1][1] if x[1][1].dtype == torch.float32 else x[1][1].float() for x in block]
@@ -601,7 +600,6 @@ class _multi_tensor:
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        return g
 
     @staticmethod
     def moments(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps):
