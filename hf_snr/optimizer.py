@@ -206,7 +206,11 @@ class SNRAdamW(Optimizer):
         self.nonfinite = nonfinite
         self.process_group = process_group
         self._stats_requested = False
-        self.last_stats: dict[str, float] = {}
+        # Statistics of one logical step may come from several step() calls (DeepSpeed ZeRO steps one
+        # parameter group per call): their partial sums collect in _pending until last_stats is read.
+        self._stats_step: int | None = None
+        self._pending: torch.Tensor | None = None
+        self._last_stats: dict[str, float] = {}
         self.snr_state = {"steps": 0, "skipped_steps": 0, "cumulative_noise": 0.0, "last_stats_step": 0}
         super().__init__(params, defaults)
 
@@ -230,8 +234,30 @@ class SNRAdamW(Optimizer):
 
     # -- statistics ---------------------------------------------------------------------------
     def request_stats(self) -> None:
-        """Compute risk statistics during the next :meth:`step` (into :attr:`last_stats`)."""
+        """Compute risk statistics during the next optimizer step (read them from :attr:`last_stats`).
+
+        "The next step" is the next logical step: when a wrapper calls :meth:`step` once per
+        parameter group for one training step (DeepSpeed ZeRO), every call of that step contributes.
+        """
         self._stats_requested = True
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The statistics of the latest requested step ({} before the first).
+
+        Reading finalizes them: one all-reduce over the statistics group (when sharded) and one
+        host sync. Under sharding every rank must read it (it is a collective), as the Trainer
+        integration does at each logging step.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._last_stats = self._finish_stats(pending, self._stats_step)
+        return self._last_stats
+
+    @last_stats.setter
+    def last_stats(self, value: dict[str, float]) -> None:
+        self._pending = None
+        self._last_stats = dict(value)
 
     def _stats_group(self):
         if self.process_group is not None:
@@ -245,6 +271,7 @@ class SNRAdamW(Optimizer):
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.last_stats  # fold pending statistics into snr_state (cumulative noise) before saving
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("_numels", None)
@@ -344,9 +371,6 @@ class SNRAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        want_stats = self._stats_requested
-        self._stats_requested = False
-
         # Before the non-finite check, which cannot read sparse tensors (and would fail obscurely).
         for group in self.param_groups:
             for p in group["params"]:
@@ -366,9 +390,7 @@ class SNRAdamW(Optimizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
-            if want_stats:
-                self.last_stats = self._finish_stats(None)
-            return loss
+            return loss  # a pending stats request carries over to the next step that happens
 
         # Phase 1: moments of every group (and, for reduction="tensor", the local sums).
         work = []
@@ -382,6 +404,14 @@ class SNRAdamW(Optimizer):
             impl = _multi_tensor if foreach else _single_tensor
             ctx = impl.moments(group, *tensors)
             work.append((group, impl, tensors, ctx))
+
+        # The logical step this call belongs to: the step count its tensors just reached.
+        step_now = max((int(t.item()) for w in work for t in w[2][5]), default=self.snr_state["steps"])
+        if self._stats_requested:
+            self._stats_requested = False
+            self.last_stats  # finalize an older pending step first
+            self._stats_step, self._pending = step_now, None
+        want_stats = self._stats_step == step_now and self._stats_step is not None
 
         # One batched all-reduce of the per-tensor sums of every sharded tensor-reduction group.
         sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work) if ctx.get("sums") is not None
@@ -404,18 +434,19 @@ class SNRAdamW(Optimizer):
             if part is not None:
                 acc[part.device] = acc[part.device] + part if part.device in acc else part
 
-        self.snr_state["steps"] += 1
+        self.snr_state["steps"] = max(self.snr_state["steps"], step_now)
         if want_stats:
-            total = None
             for part in acc.values():
-                total = part if total is None else total + part.to(total.device)
-            self.last_stats = self._finish_stats(total)
+                if self._pending is None:
+                    self._pending = part
+                else:
+                    self._pending = self._pending + part.to(self._pending.device)
+            if self._pending is None:
+                self._pending = torch.zeros(len(_STAT_KEYS))
         return loss
 
-    def _finish_stats(self, total: torch.Tensor | None) -> dict[str, float]:
+    def _finish_stats(self, total: torch.Tensor, steps: int) -> dict[str, float]:
         """Reduce the per-rank sums (one all-reduce, one host sync) into the logged statistics."""
-        if total is None:
-            total = torch.zeros(len(_STAT_KEYS))
         pg = self._stats_group()
         if pg is not None:
             import torch.distributed as dist
@@ -424,7 +455,6 @@ class SNRAdamW(Optimizer):
             dist.all_reduce(total, group=pg)
             total = total.to(dev)
         s = dict(zip(_STAT_KEYS, total.tolist()))
-        steps = self.snr_state["steps"]
         interval = max(steps - self.snr_state["last_stats_step"], 0)
         self.snr_state["cumulative_noise"] += s["noise"] * interval
         self.snr_state["last_stats_step"] = steps
@@ -511,10 +541,11 @@ class _single_tensor:
             if want_stats:
                 u = q * lr / denom                      # effective per-coordinate step size
                 masked = group["snr"]
+                seen = v > 0  # coordinates that have had a gradient (not ZeRO's zero padding)
                 row = torch.stack([
-                    q.sum() if masked else q.new_zeros(()),
-                    q.new_tensor(float(q.numel()) if masked else 0.0),
-                    (q > 0.5).sum().float() if masked else q.new_zeros(()),
+                    torch.where(seen, q, 0.0).sum() if masked else q.new_zeros(()),
+                    seen.sum().float() if masked else q.new_zeros(()),
+                    ((q > 0.5) & seen).sum().float() if masked else q.new_zeros(()),
                     (u * mu2).sum(),
                     alpha * (u * sig2).sum(),
                 ])
@@ -690,11 +721,13 @@ class _multi_tensor:
                 signal = torch._foreach_mul(u, mu2)
                 noise = torch._foreach_mul(u, sig2)
                 zero = m[0].new_zeros(())
+                # coordinates that have had a gradient (not ZeRO's zero padding) count in the mask mean
+                seen = [x > 0 for x in v] if masked else None
                 rows = torch.stack([
                     torch.stack([
-                        q[j].sum() if masked else zero,
-                        zero + (float(q[j].numel()) if masked else 0.0),
-                        (q[j] > 0.5).sum().float() if masked else zero,
+                        torch.where(seen[j], q[j], 0.0).sum() if masked else zero,
+                        seen[j].sum().float() if masked else zero,
+                        ((q[j] > 0.5) & seen[j]).sum().float() if masked else zero,
                         signal[j].sum(),
                         alpha * noise[j].sum(),
                     ])

@@ -18,10 +18,10 @@ What is proved:
   environment path), 1 process: the optimizer that steps is SNRAdamW, snr/* metrics reach
   log_history, the trajectory equals the plain Trainer's; configs that would swap SNRAdamW out are
   refused when TrainingArguments is built, on both configuration paths.
-* Known defects, marked xfail(strict) so that a fix shows up: when ZeRO calls step() more than
-  once per training step (one call per parameter group, and per ZeRO-3 sub-group; the Trainer
-  always has 2 groups) the statistics cover only the first call and cumulative_noise is
-  over-counted; ZeRO's zero padding of flat partitions is counted in mask_mean/active_fraction.
+* ZeRO calls step() once per parameter group (stages 1/2) and per sub-group (stage 3); the Trainer
+  always has 2 groups: the statistics of one training step still cover every call and the step is
+  counted once (cumulative_noise is not over-counted); ZeRO's zero padding is not counted in
+  mask_mean/active_fraction.
 """
 
 from __future__ import annotations
@@ -46,18 +46,6 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 
 LAUNCH_TIMEOUT_S = 480
-
-MULTI_STEP_REASON = (
-    "SNRAdamW defect: DeepSpeed ZeRO calls optimizer.step() once per parameter group (stages 1/2) and "
-    "once per sub-group (stage 3); request_stats() is consumed by the first call, so last_stats covers only "
-    "that group, and snr_state['steps'] (hence cumulative_noise) advances once per call"
-)
-PADDING_REASON = (
-    "SNRAdamW defect (small): ZeRO pads flat partitions with zeros (to 2 x world size elements per group in "
-    "stages 1/2, to world size per parameter in stage 3); the optimizer counts those coordinates in mask_mean "
-    "and active_fraction as closed gates (signal and noise are unaffected)"
-)
-
 
 # -- launches -------------------------------------------------------------------------------------
 class Launch:
@@ -283,14 +271,6 @@ MULTI_CALL_CASES = {"zero1_two_groups", "zero2_two_groups", "zero3_two_groups", 
 PADDED_CASES = {"zero2_padded", "zero3_padded"}
 
 
-def _stats_marks(name: str):
-    if name in MULTI_CALL_CASES:
-        return [pytest.mark.xfail(strict=True, reason=MULTI_STEP_REASON)]
-    if name in PADDED_CASES:
-        return [pytest.mark.xfail(strict=True, reason=PADDING_REASON)]
-    return []
-
-
 @pytest.fixture(scope="session")
 def zero_results(launches) -> dict:
     return torch.load(launches.out("zero") / "zero_results.pt", weights_only=False)
@@ -362,7 +342,7 @@ def test_zero_trajectory_matches_single_process(zero_results, name):
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_stats_marks(n)) for n in ZERO_CASES])
+@pytest.mark.parametrize("name", ZERO_CASES)
 def test_zero_statistics_match_single_process(zero_results, name):
     res = _zero_case(zero_results, name)
     _, ref_stats = zero_reference(name)
@@ -416,7 +396,6 @@ def test_trainer_deepspeed_steps_snradamw(trainer_ds_out, single_out, stage):
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.xfail(strict=True, reason=MULTI_STEP_REASON)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_deepspeed_snr_metrics_match_single_process(trainer_ds_out, single_out, stage):
     info = _load_json(trainer_ds_out / f"ds_zero{stage}.json")
