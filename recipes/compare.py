@@ -335,6 +335,8 @@ def execute(runs: list[Run], jobs: int = 1, launch: str | None = None, reuse: bo
                 done[i] = json.load(f)
         else:
             todo.append(i)
+    for i in done:
+        done[i]["_reused"] = True
     outer = tqdm(total=len(runs), initial=len(done), desc="runs", position=0, dynamic_ncols=True)
     if jobs > 1 and todo and launch is None:
         # fork: the workers inherit the imported libraries (no re-import per worker) and the step counter
@@ -517,7 +519,7 @@ def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
     for curve_name, filename, ylabel in specs:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         drawn = 0
-        for label, arm in summary["arms"].items():
+        for index, (label, arm) in enumerate(summary["arms"].items()):
             curves = [s["curves"][curve_name] for s in arm["seeds"].values() if s["curves"][curve_name]]
             if not curves:
                 continue
@@ -526,7 +528,8 @@ def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
             mean = [statistics.fmean([v for v in vals if v is not None]) for vals in by_step]
             lo = [min(v for v in vals if v is not None) for vals in by_step]
             hi = [max(v for v in vals if v is not None) for vals in by_step]
-            (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})")
+            color = f"C{index % 10}"  # one colour per arm in every plot, also when an arm has no curve here
+            (line,) = ax.plot(steps, mean, color=color, label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
             drawn += 1
@@ -590,8 +593,10 @@ def report(config: dict[str, Any], runs: list[Run], results: dict[int, dict], ou
             json.dump(_jsonable(summary), f, indent=1)
         sections.append(text + "\nPlots: " + ", ".join(summary["plots"]) + "\n")
     body = "\n".join(sections)
-    total = (f"# Noisy-preference DPO comparison\n\nConfig: `{config['_path']}`; {len(runs)} runs; "
-             f"total wall time {wall_time_s:.0f} s.\n\n") + body
+    reused = sum(1 for r in results.values() if r.get("_reused"))
+    total = (f"# Noisy-preference DPO comparison\n\nConfig: `{config['_path']}`; {len(runs)} runs"
+             + (f" ({reused} reused from an earlier invocation: per-run wall/cpu seconds are theirs)" if reused else "")
+             + f"; total wall time of this invocation {wall_time_s:.0f} s.\n\n") + body
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(total)
     return total
