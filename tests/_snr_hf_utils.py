@@ -118,11 +118,10 @@ class StatsCounter:
         original = SNRAdamW._finish_stats
         counter = self
 
-        def _finish_stats(opt, total):
-            counter.steps.append(opt.snr_state["steps"])
-            if total is not None:
-                counter.totals.append(dict(zip(snr_optimizer_module._STAT_KEYS, total.tolist())))
-            return original(opt, total)
+        def _finish_stats(opt, total, steps):
+            counter.steps.append(steps)
+            counter.totals.append(dict(zip(snr_optimizer_module._STAT_KEYS, total.tolist())))
+            return original(opt, total, steps)
 
         monkeypatch.setattr(SNRAdamW, "_finish_stats", _finish_stats)
 
