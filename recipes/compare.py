@@ -431,6 +431,9 @@ def verdict(summary: dict[str, Any]) -> list[str]:
                 judged = "beyond 2 seed sds"
             else:
                 judged = "within the seed spread"
+            n = min(st[key]["n"], base[key]["n"])
+            if 1 < n < 4:
+                judged += f"; only {n} seeds: indicative"
             parts.append(f"{what} {diff:+.3f} ({judged})")
         d, b = st["drift"]["mean"], base["drift"]["mean"]
         if math.isfinite(d) and math.isfinite(b) and d > 0:

