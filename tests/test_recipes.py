@@ -108,7 +108,8 @@ def test_config_parses(path, noisy_dpo, compare, tmp_path):
     raw = yaml.safe_load(path.read_text())
     if "comparisons" in raw:  # a compare.py grid: every run's argv must parse with noisy_dpo's TrlParser
         config = compare.load_config(path)
-        runs = compare.expand(config, str(tmp_path))
+        # use_cpu lets the GPU grids (bf16) build their DPOConfig on a CPU-only machine
+        runs = compare.expand(config, str(tmp_path), overrides={"use_cpu": True})
         assert runs and len({r.run_dir for r in runs}) == len(runs)
         compare.check_runs(runs)
         return
