@@ -559,18 +559,10 @@ def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
     return paths
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def report(config: dict[str, Any], runs: list[Run], results: dict[int, dict], output_dir: str,
            wall_time_s: float) -> str:
+    import noisy_dpo  # its JSON conversion of results, shared
+
     thresholds = [float(t) for t in config.get("thresholds", [0.55, 0.60])]
     frac = float(config.get("sustained_from", 0.5))
     sections = []
@@ -593,7 +585,7 @@ def report(config: dict[str, Any], runs: list[Run], results: dict[int, dict], ou
             f.write(text)
             f.write("\nPlots: " + ", ".join(os.path.basename(p) for p in summary["plots"]) + "\n")
         with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(_jsonable(summary), f, indent=1)
+            json.dump(noisy_dpo._jsonable(summary), f, indent=1)
         sections.append(text + "\nPlots: " + ", ".join(summary["plots"]) + "\n")
     body = "\n".join(sections)
     reused = sum(1 for r in results.values() if r.get("_reused"))
