@@ -181,8 +181,6 @@ def check_deepspeed_config(config: dict[str, Any] | None) -> None:
             "SNRAdamW with DeepSpeedCPUAdam. Add \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed JSON to keep "
             "SNRAdamW (its step then runs in PyTorch on the CPU copy), or turn offload_optimizer off."
         )
-    if zero.get("stage", 0) in (1, 2, 3):
-        pass  # flat partitions: reduction="tensor" is refused in check_reduction_for_backend
 
 
 def _deepspeed_config_of(args: TrainingArguments) -> dict[str, Any] | None:
