@@ -37,10 +37,10 @@ __all__ = [
     "SNR_METRICS",
 ]
 
-# What lands in the log on every logging step, and what it means (the README table is built from it).
+# What lands in the log on every logging step, and what it means (the README's metrics table says the same).
 SNR_METRICS = {
-    "snr/mask_mean": "mean gate q over gated coordinates (1 = plain AdamW, 0 = frozen)",
-    "snr/active_fraction": "share of gated coordinates with q > 1/2 (signal beats noise)",
+    "snr/mask_mean": "mean gate q over gated coordinates that have had a gradient (1 = plain AdamW, 0 = frozen)",
+    "snr/active_fraction": "share of those coordinates with q > 1/2 (signal beats noise)",
     "snr/signal": "sum_k u_k mu_k^2: first-order drop of the training risk along the step",
     "snr/noise": "alpha sum_k u_k sigma_k^2: the part of that drop that is memorization",
     "snr/population_gain": "signal - noise: first-order estimate of the population-risk drop",

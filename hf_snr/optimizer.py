@@ -171,7 +171,10 @@ class SNRAdamW(Optimizer):
     Statistics: call :meth:`request_stats` before a step; after it :attr:`last_stats` holds
     ``mask_mean``, ``active_fraction``, ``signal``, ``noise``, ``population_gain`` and
     ``cumulative_noise`` (a running sum of noise; between two requested steps noise is taken as
-    constant at the later value). They are reduced on device with a single host sync.
+    constant at the later value). They are reduced on device with a single host sync when
+    ``last_stats`` is read (a collective under sharding: every rank reads it). ``mask_mean`` and
+    ``active_fraction`` cover the gated coordinates that have had a gradient (v > 0), so ZeRO's
+    zero padding and never-used rows do not count as closed gates.
     """
 
     def __init__(
