@@ -22,6 +22,8 @@ What is proved:
   always has 2 groups: the statistics of one training step still cover every call and the step is
   counted once (cumulative_noise is not over-counted); ZeRO's zero padding is not counted in
   mask_mean/active_fraction.
+* SNRDPOTrainer + DeepSpeed ZeRO-2 (TrainingArguments(deepspeed=dict)), 1 process: SNRAdamW steps under
+  the ZeRO wrappers, and snr/*, rewards/drift, noise/* (train) and eval_rewards/drift reach log_history, finite.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class Launch:
             yaml = self._write_accelerate_deepspeed_config()
             return [_common.launcher("accelerate"), "launch", "--config_file", str(yaml), "--num_processes", "1",
                     "--main_process_port", port, str(w / "trainer_deepspeed.py"), str(self.out)]
+        if self.name == "dpo_ds":
+            return [_common.launcher("torchrun"), "--nproc_per_node", "1", "--master_port", port,
+                    str(w / "dpo_deepspeed.py"), str(self.out)]
         raise KeyError(self.name)
 
     def _write_accelerate_deepspeed_config(self) -> Path:
@@ -141,8 +146,9 @@ NEEDS = {
     "test_trainer_deepspeed_steps_snradamw": ("trainer_ds", "single"),
     "test_trainer_deepspeed_snr_metrics_match_single_process": ("trainer_ds", "single"),
     "test_trainer_deepspeed_refuses_swapping_configs": ("trainer_ds",),
+    "test_dpo_trainer_deepspeed_zero2_logs_metrics": ("dpo_ds",),
 }
-ORDER = ("zero", "trainer_ds", "ddp", "single")  # longest first
+ORDER = ("zero", "trainer_ds", "ddp", "dpo_ds", "single")  # longest first
 
 
 class Launches:
@@ -174,7 +180,7 @@ def launches(request, tmp_path_factory):
     for item in request.session.items:
         wanted.update(NEEDS.get(getattr(item, "originalname", item.name), ()))
     if not HAS_DEEPSPEED:
-        wanted -= {"zero", "trainer_ds"}
+        wanted -= {"zero", "trainer_ds", "dpo_ds"}
     ls = Launches(tmp_path_factory.mktemp("distributed"), wanted)
     yield ls
     ls.close()
@@ -416,6 +422,29 @@ def test_trainer_deepspeed_refuses_swapping_configs(trainer_ds_out):
         r = refused[f"{path}/tensor_reduction_zero3"]
         assert r["refused"] and "reduction='tensor'" in r["message"], (path, r)
     assert refused["dict/offload_with_force_flag_false"] == {"refused": False, "message": None}
+
+
+# -- 4. SNRDPOTrainer + DeepSpeed ZeRO-2, 1 process ---------------------------------------------------
+@pytest.mark.slow
+@needs_deepspeed
+def test_dpo_trainer_deepspeed_zero2_logs_metrics(launches):
+    """SNRDPOTrainer (TRL DPOTrainer subclass) under TrainingArguments(deepspeed=dict) ZeRO-2: SNRAdamW
+    is the optimizer that steps, and its snr/* metrics plus the DPO drift / noise metrics reach log_history."""
+    info = _load_json(launches.out("dpo_ds") / "result.json")
+    assert info["world_size"] == 1 and info["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert info["zero_stage"] == 2
+    assert info["optimizer_chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "SNRAdamW"]
+    history = info["log_history"]
+    train = [e for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    assert [e["step"] for e in train] == [2, 4] and [e["step"] for e in evals] == [4], history
+    for entry in train:
+        for key in ("snr/mask_mean", "rewards/drift", "noise/flipped_fit", "noise/clean_fit"):
+            assert key in entry and math.isfinite(entry[key]), (key, entry)
+    assert "eval_rewards/drift" in evals[0] and math.isfinite(evals[0]["eval_rewards/drift"]), evals[0]
+    for entry in [*train, *evals]:
+        bad = {k: v for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, f"non-finite values at step {entry['step']}: {bad}"
 
 
 # -- fast checks of the guards the launches rely on (no launch) -------------------------------------
