@@ -352,20 +352,8 @@ class SNRAdamW(Optimizer):
             flag = torch.zeros(())
         group = self._stats_group()
         if group is not None:
-            import torch.distributed as dist
-            flag = flag.to(self._comm_device(group))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            flag = _all_reduce(flag, group, op="max")
         return flag.item() == 0
-
-    @staticmethod
-    def _comm_device(group) -> torch.device:
-        import torch.distributed as dist
-        backend = dist.get_backend(group)
-        if backend == "gloo":
-            return torch.device("cpu")
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -420,13 +408,8 @@ class SNRAdamW(Optimizer):
         sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work) if ctx.get("sums") is not None
                    for j, p in enumerate(tensors[0]) if _shard_group(p) is not None or self.process_group is not None]
         if sharded:
-            import torch.distributed as dist
-            pg = self._stats_group()
             flat = torch.stack([work[i][3]["sums"][j] for i, j in sharded])  # (n, 2)
-            dev = flat.device
-            flat = flat.to(self._comm_device(pg))
-            dist.all_reduce(flat, group=pg)
-            flat = flat.to(dev)
+            flat = _all_reduce(flat, self._stats_group())
             for k, (i, j) in enumerate(sharded):
                 work[i][3]["sums"][j] = flat[k]
 
@@ -452,11 +435,7 @@ class SNRAdamW(Optimizer):
         """Reduce the per-rank sums (one all-reduce, one host sync) into the logged statistics."""
         pg = self._stats_group()
         if pg is not None:
-            import torch.distributed as dist
-            dev = total.device
-            total = total.to(self._comm_device(pg))
-            dist.all_reduce(total, group=pg)
-            total = total.to(dev)
+            total = _all_reduce(total, pg)
         s = dict(zip(_STAT_KEYS, total.tolist()))
         interval = max(steps - self.snr_state["last_stats_step"], 0)
         self.snr_state["cumulative_noise"] += s["noise"] * interval
@@ -471,6 +450,19 @@ class SNRAdamW(Optimizer):
             "cumulative_noise": self.snr_state["cumulative_noise"],
             "skipped_steps": float(self.snr_state["skipped_steps"]),
         }
+
+
+def _all_reduce(tensor: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """All-reduce over ``group`` on the device its backend needs (gloo: CPU), back on the tensor's device."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "gloo" or not torch.cuda.is_available():
+        comm = torch.device("cpu")
+    else:
+        comm = torch.device("cuda", torch.cuda.current_device())
+    out = tensor.to(comm)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return out.to(tensor.device)
 
 
 def _bias_corrections(step: float, beta1: float, beta2: float, rho: float):
