@@ -413,22 +413,15 @@ class SNRAdamW(Optimizer):
             for k, (i, j) in enumerate(sharded):
                 work[i][3]["sums"][j] = flat[k]
 
-        # Phase 2: the gate and the parameter update (plus statistics when requested).
-        acc: dict[torch.device, torch.Tensor] = {}
+        # Phase 2: the gate and the parameter update (plus, when requested, this call's partial sums).
+        if want_stats and self._pending is None:
+            self._pending = torch.zeros(len(_STAT_KEYS))
         for group, impl, tensors, ctx in work:
             part = impl.update(group, *tensors, ctx, want_stats)
             if part is not None:
-                acc[part.device] = acc[part.device] + part if part.device in acc else part
+                self._pending = self._pending.to(part.device) + part
 
         self.snr_state["steps"] = max(self.snr_state["steps"], step_now)
-        if want_stats:
-            for part in acc.values():
-                if self._pending is None:
-                    self._pending = part
-                else:
-                    self._pending = self._pending + part.to(self._pending.device)
-            if self._pending is None:
-                self._pending = torch.zeros(len(_STAT_KEYS))
         return loss
 
     def _finish_stats(self, total: torch.Tensor, steps: int) -> dict[str, float]:
