@@ -200,6 +200,10 @@ def _max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+# active_fraction is a count over the tiny Llama's ~20k gated coordinates: allow a few of them to sit on q = 1/2
+_COUNT_TOL = 2e-4
+
+
 def _compare_logs(got: list[dict], ref: list[dict], keys_prefix: tuple[str, ...] = ("snr/", "loss")) -> list[str]:
     """Differences between two log_histories' training entries (by step) for the given keys."""
     got_by = {e["step"]: e for e in got if "loss" in e}
@@ -212,9 +216,11 @@ def _compare_logs(got: list[dict], ref: list[dict], keys_prefix: tuple[str, ...]
         for k, v in r.items():
             if not k.startswith(keys_prefix):
                 continue
+            # a coordinate within rounding of q = 1/2 may count on either side (summation order differs)
+            abs_tol = _COUNT_TOL if k == "snr/active_fraction" else 1e-6
             if k not in g:
                 problems.append(f"step {step}: {k} missing")
-            elif not _close(g[k], v):
+            elif not _close(g[k], v, abs_=abs_tol):
                 problems.append(f"step {step}: {k} = {g[k]!r}, single process {v!r}")
     return problems
 

@@ -14,6 +14,14 @@ meets FSDP2: constructed after fully_shard (on the DTensor parameters), and acce
 (constructed on the original parameters, then its param_groups re-pointed to the sharded ones).
 A gradient that is nan on rank 1 only must make *both* ranks skip the step. Prints one
 ``FSDP2-SNR-OK <case>`` line per case; any mismatch raises (non-zero exit).
+
+Rounding. The sharded gradient is a sum in another order than the single-process one, so it differs
+by a few ulps. The soft and hard gates have a kink (and every gate a threshold, q = 1/2, for
+active_fraction): a coordinate (or, per tensor, a whole tensor) within rounding of it may fall either
+way, on one CPU and not another. So each step is compared from a common start (after the
+comparison the reference takes the sharded run's parameters and state), a coordinate whose gate came
+within 1e-4 (relative) of its kink in the reference is left out of that step's comparison, and the
+count-based statistics get a tolerance of the share of coordinates that were that close.
 """
 
 from __future__ import annotations
@@ -67,8 +75,40 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def close(a, b, what, rtol=1e-5, atol=1e-6):
+def close(a, b, what, rtol=1e-5, atol=1e-6, keep=None):
+    if keep is not None:
+        a, b = a[keep], b[keep]
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+KINK_RTOL = 1e-4
+
+
+def near_kinks(opt, mask, reduction):
+    """Per parameter of ``opt``: (coordinates near the gate's kink, coordinates near q = 1/2), from its state."""
+    out = []
+    for group in opt.param_groups:
+        alpha, c = group["alpha"], group["alpha"] * group["softness"]
+        for p in group["params"]:
+            st = opt.state[p]
+            t = st["step"].item()
+            mu2 = (st["exp_avg"] / (1 - group["betas"][0] ** t)).square()
+            sig2 = st["exp_var"] / (1 - group["rho"] ** t)
+            if reduction == "tensor":
+                mu2, sig2 = mu2.sum().expand_as(mu2), sig2.sum().expand_as(sig2)
+
+            def near(a, b):
+                return (a - b).abs() <= KINK_RTOL * (a + b)
+
+            kink = near(mu2, alpha * sig2) if mask in ("soft", "hard") else torch.zeros_like(mu2, dtype=torch.bool)
+            if t <= group["warmup_steps"]:
+                out.append((torch.zeros_like(kink), torch.zeros_like(kink)))
+                continue
+            # q = 1/2: snr at mu2 = c sig2; hard on the kink itself; soft where excess = softness sig2
+            half = {"snr": near(mu2, c * sig2), "hard": kink,
+                    "soft": near(mu2, (alpha + group["softness"]) * sig2)}[mask]
+            out.append((kink, half | kink))
+    return out
 
 
 def run_case(rank, mesh, reduction, mask, foreach, construct, block):
@@ -136,18 +176,36 @@ def run_case(rank, mesh, reduction, mask, foreach, construct, block):
         # part, rank 0 compares
         stats = dict(opt.last_stats) if step in STATS_STEPS else None
         got = [full(p.detach()) for p in model.parameters()]
-        got_state = [full(opt.state[p]["exp_var"]) for p in model.parameters()]
+        keys = ("exp_avg", "exp_avg_sq", "exp_var")
+        got_state = [{k: full(opt.state[p][k]) for k in keys} if opt.state[p] else None for p in model.parameters()]
         if rank == 0:
             where = f"{reduction}/{mask}/foreach={foreach}/{construct} step {step}"
-            for (name, r), g, s in zip(ref.named_parameters(), got, got_state):
-                close(g, r.detach(), f"{where} param {name}")
-                close(s, ref_opt.state[r]["exp_var"], f"{where} exp_var {name}", atol=1e-8)
+            near = near_kinks(ref_opt, mask, reduction)
+            n_kink = sum(int(k.sum()) for k, _ in near)
+            n_half = sum(int(h.sum()) for _, h in near)
+            n_all = sum(p.numel() for p in ref.parameters())
+            assert n_kink <= 0.05 * n_all, (where, n_kink, n_all)  # the comparison still covers nearly everything
+            for (name, r), g, s, (kink, _) in zip(ref.named_parameters(), got, got_state, near):
+                close(g, r.detach(), f"{where} param {name}", keep=~kink)
+                close(s["exp_var"], ref_opt.state[r]["exp_var"], f"{where} exp_var {name}", atol=1e-8)
             if step in STATS_STEPS:
                 mask_means.append(stats["mask_mean"])
                 for key, value in ref_opt.last_stats.items():
                     mine = stats[key]
-                    assert abs(mine - value) <= 1e-4 * abs(value) + 1e-9, (where, key, mine, value)
+                    tol = 1e-4 * abs(value) + 1e-9
+                    if key in ("mask_mean", "active_fraction"):
+                        tol += n_half / n_all  # a coordinate within rounding of a threshold may fall either way
+                    elif n_kink and key in ("signal", "noise", "population_gain", "cumulative_noise"):
+                        tol += 1e-2 * abs(value)  # a few coordinates' share of the sums
+                    assert abs(mine - value) <= tol, (where, key, mine, value)
             assert opt.snr_state == {**ref_opt.snr_state, "cumulative_noise": opt.snr_state["cumulative_noise"]}
+            # the next step starts from the same point: rounding differences do not compound through the kinks
+            with torch.no_grad():
+                for r, g, s in zip(ref.parameters(), got, got_state):
+                    r.copy_(g)
+                    if s is not None:
+                        for k in keys:
+                            ref_opt.state[r][k].copy_(s[k])
     # both ranks hold the same (all-reduced) statistics
     mine = torch.tensor([opt.last_stats[k] for k in sorted(opt.last_stats)], dtype=torch.float64)
     other = mine.clone()
