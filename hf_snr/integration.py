@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .checks import check_args, check_deepspeed_config
 from .optimizer import SNRAdamW
 from .options import SNROptions, finite_data_alpha, parse_optim_args
 
@@ -132,19 +133,12 @@ def snr_optimizer_cls_and_kwargs(
     ``optim_args``-style string, a dict or :class:`SNROptions`; ``overrides`` are extra keywords.
     The result validates now, not at the first step.
     """
-    if isinstance(options, SNROptions):
-        opts = options
-    else:
-        merged: dict[str, Any] = {}
-        if isinstance(options, str):
-            opts0 = parse_optim_args(options)
-            merged = {k: getattr(opts0, k) for k in SNROptions.__dataclass_fields__ if k != "extra"}
-        elif options:
-            merged = dict(options)
-        base_keys = {"lr", "betas", "eps", "weight_decay"}
-        merged.update({k: v for k, v in overrides.items() if k not in base_keys})
-        overrides = {k: v for k, v in overrides.items() if k in base_keys}
-        opts = parse_optim_args(merged)
+    base_keys = {"lr", "betas", "eps", "weight_decay"}
+    opts = parse_optim_args(options)  # an SNROptions passes through; a string is parsed once (cached)
+    snr_overrides = {k: v for k, v in overrides.items() if k not in base_keys}
+    if snr_overrides:
+        opts = parse_optim_args({**opts.as_dict(), **snr_overrides})
+    overrides = {k: v for k, v in overrides.items() if k in base_keys}
     kwargs: dict[str, Any] = opts.optimizer_kwargs()
     if args is not None:
         kwargs.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -160,53 +154,6 @@ def snr_optimizer_cls_and_kwargs(
             kwargs.setdefault("weight_decay", args.weight_decay)
         return SNRAdamWFactory, kwargs
     return SNRAdamW, kwargs
-
-
-def check_deepspeed_config(config: dict[str, Any] | None) -> None:
-    """Refuse DeepSpeed configs under which DeepSpeed or accelerate would silently swap SNRAdamW out."""
-    if not config:
-        return
-    if "optimizer" in config:
-        raise ValueError(
-            "optim='snr_adamw' with a DeepSpeed config that has an \"optimizer\" section: DeepSpeed would build "
-            f"its own {config['optimizer'].get('type', '?')} optimizer and SNRAdamW would never run. "
-            "Remove the \"optimizer\" section from the DeepSpeed JSON (keep \"zero_optimization\"); the Trainer "
-            "then hands SNRAdamW to DeepSpeed as a client optimizer."
-        )
-    zero = config.get("zero_optimization", {}) or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if offload not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) is not False:
-        raise ValueError(
-            f"optim='snr_adamw' with ZeRO optimizer offload (device={offload!r}): accelerate would silently replace "
-            "SNRAdamW with DeepSpeedCPUAdam. Add \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed JSON to keep "
-            "SNRAdamW (its step then runs in PyTorch on the CPU copy), or turn offload_optimizer off."
-        )
-
-
-def _deepspeed_config_of(args: TrainingArguments) -> dict[str, Any] | None:
-    hf_ds = getattr(args, "hf_deepspeed_config", None)
-    if hf_ds is not None:
-        return hf_ds.config
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None:
-        cfg = getattr(plugin, "deepspeed_config", None)
-        if isinstance(cfg, dict):
-            return cfg
-    return None
-
-
-def check_args(args: TrainingArguments, options: SNROptions) -> None:
-    """Checks that can run when the arguments are built: DeepSpeed swaps and flat-partition limits."""
-    ds = _deepspeed_config_of(args)
-    if ds is None:
-        return
-    check_deepspeed_config(ds)
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if options.reduction == "tensor" and stage in (1, 2, 3):
-        raise ValueError(
-            f"optim_args reduction='tensor' cannot run under DeepSpeed ZeRO stage {stage}: the optimizer sees flat "
-            "partitions that mix slices of many tensors. Use reduction='element' (exact under ZeRO) or FSDP2."
-        )
 
 
 class SNRCallback(TrainerCallback):

@@ -32,17 +32,12 @@ except Exception:  # pragma: no cover
     DTensor = None
     Shard = None
 
+from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, REDUCTIONS,
+                      validate_hparams, validate_value)
+
 __all__ = ["SNRAdamW", "MASKS", "REDUCTIONS", "NONFINITE_POLICIES", "DEFAULT_WARMUP_STEPS"]
 
-MASKS = ("snr", "soft", "hard")
-REDUCTIONS = ("element", "tensor")
-NONFINITE_POLICIES = ("skip", "raise", "propagate")
-
-# At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
-# start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
-# uncorrected m, not gradient noise, until m has warmed up: that takes about 1 / (1 - beta1) = 10
-# steps at the default beta1 = 0.9. We keep the gate open (q = 1, plain AdamW) for those steps.
-DEFAULT_WARMUP_STEPS = 10
+D = DEFAULTS  # every default below comes from the one options table (hf_snr.options.OPTIONS)
 
 # Largest finite fp32 value: softness * alpha is clamped to it so that (huge) * 0 stays 0, not nan.
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -52,54 +47,6 @@ _TINY = torch.finfo(torch.float32).tiny
 _SPARSE_MSG = "SNRAdamW does not support sparse gradients (use dense gradients, e.g. nn.Embedding(sparse=False))"
 
 _STAT_KEYS = ("mask_sum", "mask_count", "active_count", "signal", "noise")
-
-
-def _validate_hparams(hp: dict[str, Any], where: str = "") -> None:
-    """Check every hyperparameter; the message names the bad value and the accepted range."""
-    loc = f" in {where}" if where else ""
-
-    def bad(msg: str) -> None:
-        raise ValueError(msg + loc)
-
-    lr = hp["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            bad(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(lr.shape)}")
-        lr = float(lr)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-        bad(f"Invalid learning rate: {hp['lr']!r} (accepted: a finite number >= 0)")
-    betas = hp["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        bad(f"Invalid betas: {betas!r} (accepted: a pair (beta1, beta2), each in [0, 1))")
-    for i, b in enumerate(betas):
-        if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
-            bad(f"Invalid beta parameter at index {i}: {b!r} (accepted: [0, 1))")
-    eps = hp["eps"]
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0.0):
-        bad(f"Invalid epsilon value: {eps!r} (accepted: a finite number > 0)")
-    wd = hp["weight_decay"]
-    if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0):
-        bad(f"Invalid weight_decay value: {wd!r} (accepted: a finite number >= 0)")
-    rho = hp["rho"]
-    if not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
-        bad(f"Invalid rho value: {rho!r} (accepted: [0, 1))")
-    if hp["mask"] not in MASKS:
-        bad(f"Invalid mask: {hp['mask']!r} (accepted: one of {', '.join(MASKS)})")
-    sf = hp["softness"]
-    if not (isinstance(sf, (int, float)) and math.isfinite(sf) and sf >= 0.0):
-        bad(f"Invalid softness value: {sf!r} (accepted: a finite number >= 0)")
-    alpha = hp["alpha"]
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0.0):
-        bad(f"Invalid alpha value: {alpha!r} (accepted: a finite number >= 0)")
-    if hp["reduction"] not in REDUCTIONS:
-        bad(f"Invalid reduction: {hp['reduction']!r} (accepted: one of {', '.join(REDUCTIONS)})")
-    ws = hp["warmup_steps"]
-    if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
-        bad(f"Invalid warmup_steps value: {ws!r} (accepted: an integer >= 0)")
-    if not isinstance(hp["snr"], bool):
-        bad(f"Invalid snr value: {hp['snr']!r} (accepted: True or False)")
-    if hp["foreach"] not in (None, True, False):
-        bad(f"Invalid foreach value: {hp['foreach']!r} (accepted: None, True or False)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -180,20 +127,20 @@ class SNRAdamW(Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        rho: float = 0.99,
-        mask: str = "snr",
-        softness: float = 1.0,
-        alpha: float = 1.0,
-        reduction: str = "element",
-        warmup_steps: int = DEFAULT_WARMUP_STEPS,
-        snr: bool = True,
-        foreach: bool | None = None,
+        lr: float | torch.Tensor = D["lr"],
+        betas: tuple[float, float] = D["betas"],
+        eps: float = D["eps"],
+        weight_decay: float = D["weight_decay"],
+        rho: float = D["rho"],
+        mask: str = D["mask"],
+        softness: float = D["softness"],
+        alpha: float = D["alpha"],
+        reduction: str = D["reduction"],
+        warmup_steps: int = D["warmup_steps"],
+        snr: bool = D["snr"],
+        foreach: bool | None = D["foreach"],
         *,
-        nonfinite: str = "skip",
+        nonfinite: str = D["nonfinite"],
         process_group: Any = None,
     ):
         defaults = dict(
@@ -201,11 +148,9 @@ class SNRAdamW(Optimizer):
             weight_decay=weight_decay, rho=rho, mask=mask, softness=softness, alpha=alpha,
             reduction=reduction, warmup_steps=warmup_steps, snr=snr, foreach=foreach,
         )
-        _validate_hparams(defaults)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"Invalid nonfinite value: {nonfinite!r} (accepted: one of {', '.join(NONFINITE_POLICIES)})"
-            )
+        assert defaults.keys() == GROUP_DEFAULTS.keys()
+        validate_hparams(defaults)
+        validate_value("nonfinite", nonfinite)
         self.nonfinite = nonfinite
         self.process_group = process_group
         self._stats_requested = False
@@ -223,7 +168,7 @@ class SNRAdamW(Optimizer):
             param_group.setdefault(key, value)
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
-        _validate_hparams(param_group, where=f"parameter group {len(self.param_groups)}")
+        validate_hparams(param_group, where=f"parameter group {len(self.param_groups)}")
         super().add_param_group(param_group)
         # Remember the shapes the group was built with: reduction="tensor" checks at step time that
         # it still sees those whole tensors (DeepSpeed ZeRO swaps in flat partitions).

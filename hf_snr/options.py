@@ -1,53 +1,74 @@
-"""The one place where SNRAdamW's user-facing options are named, typed, defaulted and validated.
+"""The one table of SNRAdamW's options: name, type, default, accepted values, help.
 
-Used by the `optim="snr_adamw"` handler (``optim_args="mask=soft,softness=3"``), the explicit
-factory :func:`hf_snr.snr_optimizer_cls_and_kwargs`, the DPO trainer and the recipes. Imports only
-the optimizer module (no transformers), so it can be used anywhere.
+Everything that names, defaults, validates or documents an option reads :data:`OPTIONS`:
+
+* :class:`hf_snr.optimizer.SNRAdamW` takes its signature's defaults from it and validates every
+  parameter group with :func:`validate_hparams`;
+* ``optim_args`` strings (``"mask=soft,softness=3"``) are parsed by :func:`parse_optim_args`, once per
+  distinct string (the result is cached), into :class:`SNROptions`;
+* ``--help`` of every argument parser (the ``optim_args`` field's help, see
+  :mod:`hf_snr.registration`) and the README's options table come from :func:`options_help` /
+  :func:`options_markdown`.
+
+This module imports only the standard library (no torch, no transformers), so anything can use it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
-
-from .optimizer import DEFAULT_WARMUP_STEPS, MASKS, NONFINITE_POLICIES, REDUCTIONS, _validate_hparams
 
 SNR_OPTIM_NAME = "snr_adamw"
 
+MASKS = ("snr", "soft", "hard")
+REDUCTIONS = ("element", "tensor")
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
-def _to_bool(value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+# At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
+# start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
+# uncorrected m, not gradient noise, until m has warmed up: that takes about 1 / (1 - beta1) = 10
+# steps at the default beta1 = 0.9. The gate stays open (q = 1, plain AdamW) for those steps.
+DEFAULT_WARMUP_STEPS = 10
 
 
-def _to_foreach(value: Any) -> bool | None:
+class OptionError(ValueError):
+    """A bad option value; the message names the value and what is accepted."""
+
+
+# -- converters: an optim_args string (or a Python value) -> the typed value --------------------------
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    raise TypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _to_auto_bool(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
         return None
-    if isinstance(value, str):
-        return _to_bool(value)
-    raise TypeError(f"expected true, false or auto, got {value!r}")
-
-
-def _to_alpha(value: Any) -> float | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    if isinstance(value, bool):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
+    return _to_bool(value)
 
 
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):  # float(True) == 1.0 would hide a mistake
         raise TypeError(f"expected a number, got {value!r}")
     return float(value)
+
+
+def _to_alpha(value: Any) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _to_float(value)
 
 
 def _to_int(value: Any) -> int:
@@ -71,93 +92,208 @@ def _to_regex(value: Any) -> str | None:
     return value
 
 
+# -- checks: the typed value -> ok or not -------------------------------------------------------------
+def _finite_ge0(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0.0
+
+
+def _unit(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda x: x in choices
+
+
+def _lr_ok(x: Any) -> bool:
+    if hasattr(x, "numel") and hasattr(x, "item"):  # a tensor lr (schedulers that keep lr on device)
+        return x.numel() == 1 and _finite_ge0(float(x.item()))
+    return _finite_ge0(x)
+
+
+def _betas_ok(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(_unit(b) for b in x)
+
+
 @dataclass(frozen=True)
-class _Option:
-    convert: Callable[[Any], Any]
-    accepted: str
+class Option:
+    name: str
+    type: str            # as shown in --help and the README
     default: Any
+    accepted: str        # in words, for messages and docs
+    check: Callable[[Any], bool]
     help: str
+    convert: Callable[[Any], Any] | None = None  # None: not settable through optim_args
+    per_group: bool = True                        # lives in every parameter group (else: optimizer-wide)
+    label: str = ""                               # the noun used in error messages (default: "<name> value")
 
 
-# key -> how to read it from an optim_args string, what is accepted, the default, what it means
-OPTIONS: dict[str, _Option] = {
-    "mask": _Option(_to_str, f"one of {', '.join(MASKS)}", "snr", "gate shape: snr (never closes), soft, hard"),
-    "softness": _Option(_to_float, "a finite number >= 0", 1.0, "scales the noise term; tune over 0.3, 1, 3, 10"),
-    "alpha": _Option(_to_alpha, "a finite number >= 0, or 'auto'", 1.0,
-                     "noise tolerance; 'auto' = 1 for one pass, b/(n-b) for several epochs over n examples"),
-    "rho": _Option(_to_float, "[0, 1)", 0.99, "decay of the variance EMA"),
-    "reduction": _Option(_to_str, f"one of {', '.join(REDUCTIONS)}", "element",
-                         "one gate per scalar (element) or per parameter tensor (tensor)"),
-    "warmup_steps": _Option(_to_int, "an integer >= 0", DEFAULT_WARMUP_STEPS, "first steps with the gate open"),
-    "nonfinite": _Option(_to_str, f"one of {', '.join(NONFINITE_POLICIES)}", "skip", "what a nan/inf gradient does"),
-    "foreach": _Option(_to_foreach, "true, false or auto", None, "multi-tensor (foreach) path; default: automatic"),
-    "exclude": _Option(_to_regex, "a regular expression (no commas; use | for alternatives)", None,
-                       "parameters whose name matches (re.search) get plain AdamW (gate always open)"),
-}
+def _opt(name, type_, default, accepted, check, help_, convert=None, per_group=True, label=""):
+    return Option(name, type_, default, accepted, check, help_, convert, per_group, label)
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (
+    # AdamW's own: set from TrainingArguments (learning_rate, adam_beta1/2, adam_epsilon, weight_decay)
+    _opt("lr", "float", 1e-3, "a finite number >= 0", _lr_ok, "learning rate, as AdamW", label="learning rate"),
+    _opt("betas", "(float, float)", (0.9, 0.999), "a pair (beta1, beta2), each in [0, 1)", _betas_ok,
+         "AdamW's moment decays", label="betas"),
+    _opt("eps", "float", 1e-8, "a finite number > 0", lambda x: _finite_ge0(x) and x > 0,
+         "AdamW's epsilon (never used in the gate)", label="epsilon value"),
+    _opt("weight_decay", "float", 0.01, "a finite number >= 0", _finite_ge0,
+         "decoupled weight decay, never gated"),
+    # the SNR knobs: also settable through optim_args
+    _opt("mask", "str", "snr", f"one of {', '.join(MASKS)}", _one_of(MASKS),
+         "gate shape: snr q = mu2/(mu2 + softness*alpha*sigma2), never closed; soft (the paper's Algorithm 1) "
+         "zero below mu2 = alpha*sigma2; hard 0/1", _to_str, label="mask"),
+    _opt("softness", "float", 1.0, "a finite number >= 0", _finite_ge0,
+         "scales the noise term; tune over 0.3, 1, 3, 10", _to_float),
+    _opt("alpha", "float | 'auto'", 1.0, "a finite number >= 0, or 'auto'", _finite_ge0,
+         "noise tolerance: 1 when every batch is a fresh draw; 'auto' (Trainer only) = 1 for one pass, b/(n-b) "
+         "for several epochs over n examples with effective batch b", _to_alpha),
+    _opt("rho", "float", 0.99, "[0, 1)", _unit, "decay of the variance EMA (alias beta3)", _to_float),
+    _opt("reduction", "str", "element", f"one of {', '.join(REDUCTIONS)}", _one_of(REDUCTIONS),
+         "one gate per scalar (element) or per parameter tensor from sums (tensor)", _to_str, label="reduction"),
+    _opt("warmup_steps", "int", DEFAULT_WARMUP_STEPS, "an integer >= 0",
+         lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+         "first steps with the gate open (plain AdamW) while the moments warm up (alias warmup)", _to_int),
+    _opt("snr", "bool", True, "True or False", lambda x: isinstance(x, bool),
+         "False makes a parameter group plain AdamW (set per group; exclude= does it by name)", label="snr value"),
+    _opt("foreach", "bool | None", None, "true, false or auto", lambda x: x in (None, True, False),
+         "multi-tensor (torch._foreach_*) path; default automatic", _to_auto_bool),
+    _opt("nonfinite", "str", "skip", f"one of {', '.join(NONFINITE_POLICIES)}", _one_of(NONFINITE_POLICIES),
+         "what a nan/inf gradient does: skip the whole step (counted, warned), raise, or propagate as AdamW",
+         _to_str, per_group=False),
+    # integration only (the factory, not the optimizer)
+    _opt("exclude", "regex", None, "a regular expression (no commas; use | for alternatives)",
+         lambda x: x is None or isinstance(x, str),
+         "parameters whose name matches (re.search) get plain AdamW (gate always open)", _to_regex,
+         per_group=False),
+)}
+
 ALIASES = {"warmup": "warmup_steps", "beta3": "rho"}
+OPTIM_ARGS_KEYS = tuple(k for k, o in OPTIONS.items() if o.convert is not None)
+# keyword arguments of SNRAdamW that live in every parameter group, with their defaults
+GROUP_DEFAULTS = {k: o.default for k, o in OPTIONS.items() if o.per_group}
+DEFAULTS = {k: o.default for k, o in OPTIONS.items()}
+
+
+def _message(opt: Option, value: Any) -> str:
+    label = opt.label or f"{opt.name} value"
+    return f"Invalid {label}: {value!r} (accepted: {opt.accepted})"
+
+
+def validate_hparams(hp: dict[str, Any], where: str = "") -> None:
+    """Check every per-group option present in ``hp``; the message names the bad value and the accepted range."""
+    loc = f" in {where}" if where else ""
+    for name, opt in OPTIONS.items():
+        if not opt.per_group or name not in hp:
+            continue
+        value = hp[name]
+        if name == "lr" and hasattr(value, "numel") and value.numel() != 1:
+            raise OptionError(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(value.shape)}{loc}")
+        if name == "betas" and isinstance(value, (tuple, list)) and len(value) == 2:
+            for i, b in enumerate(value):
+                if not _unit(b):
+                    raise OptionError(f"Invalid beta parameter at index {i}: {b!r} (accepted: [0, 1)){loc}")
+        if not opt.check(value):
+            raise OptionError(_message(opt, value) + loc)
+    check_combination(hp, where)
+
+
+def check_combination(hp: dict[str, Any], where: str = "") -> None:
+    """Checks between options (none yet beyond the single-value ones; kept as the one place for them)."""
+
+
+def validate_value(name: str, value: Any) -> None:
+    opt = OPTIONS[name]
+    if not opt.check(value):
+        raise OptionError(_message(opt, value))
 
 
 def accepted_options() -> str:
-    return "; ".join(f"{k} ({o.accepted})" for k, o in OPTIONS.items())
+    return "; ".join(f"{k} ({OPTIONS[k].accepted})" for k in OPTIM_ARGS_KEYS)
+
+
+def options_help() -> str:
+    """The optim_args keys with type, default and accepted values: what --help prints."""
+    rows = [f"{k}: {o.type}, default {_show(o.default)}, accepted {o.accepted}. {o.help}."
+            for k, o in ((k, OPTIONS[k]) for k in OPTIM_ARGS_KEYS)]
+    return (f"SNR options for optim='{SNR_OPTIM_NAME}', as key=value pairs separated by commas "
+            f"(e.g. 'mask=soft,softness=3'): " + " | ".join(rows))
+
+
+def options_markdown() -> str:
+    """The README's optim_args table (a test checks the README holds exactly this)."""
+    alias = {v: k for k, v in ALIASES.items()}
+    lines = ["| key | type | default | accepted | meaning |", "|---|---|---|---|---|"]
+    for k in OPTIM_ARGS_KEYS:
+        o = OPTIONS[k]
+        key = f"`{k}`" + (f" (alias `{alias[k]}`)" if k in alias else "")
+        lines.append(f"| {key} | {o.type} | {_show(o.default)} | {o.accepted.replace('|', chr(92) + '|')} | "
+                     f"{o.help.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "auto / none"
+    return value if isinstance(value, str) else repr(value)
 
 
 @dataclass
 class SNROptions:
-    """Typed SNR options (the knobs beyond AdamW's lr/betas/eps/weight_decay)."""
+    """Typed SNR options (the knobs beyond AdamW's lr/betas/eps/weight_decay); defaults from :data:`OPTIONS`."""
 
-    mask: str = "snr"
-    softness: float = 1.0
-    alpha: float | str = 1.0
-    rho: float = 0.99
-    reduction: str = "element"
-    warmup_steps: int = DEFAULT_WARMUP_STEPS
-    nonfinite: str = "skip"
-    foreach: bool | None = None
-    exclude: str | None = None
+    mask: str = DEFAULTS["mask"]
+    softness: float = DEFAULTS["softness"]
+    alpha: float | str = DEFAULTS["alpha"]
+    rho: float = DEFAULTS["rho"]
+    reduction: str = DEFAULTS["reduction"]
+    warmup_steps: int = DEFAULTS["warmup_steps"]
+    nonfinite: str = DEFAULTS["nonfinite"]
+    foreach: bool | None = DEFAULTS["foreach"]
+    exclude: str | None = DEFAULTS["exclude"]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Constructor keywords for SNRAdamW ('auto' alpha becomes 1.0 until the trainer resolves it)."""
-        return dict(
-            mask=self.mask, softness=self.softness, alpha=1.0 if self.alpha == "auto" else self.alpha,
-            rho=self.rho, reduction=self.reduction, warmup_steps=self.warmup_steps,
-            nonfinite=self.nonfinite, foreach=self.foreach,
-        )
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "exclude")}
+        if out["alpha"] == "auto":
+            out["alpha"] = 1.0
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
 
 
-def parse_optim_args(optim_args: str | dict[str, Any] | None) -> SNROptions:
-    """Parse and validate ``"mask=soft,softness=3"`` (or a dict) into :class:`SNROptions`.
+assert set(f.name for f in fields(SNROptions)) - {"extra"} == set(OPTIM_ARGS_KEYS), "SNROptions must mirror OPTIONS"
 
-    Raises ValueError naming the bad key or value and listing what is accepted.
-    """
-    if optim_args is None or optim_args == "":
-        raw: dict[str, Any] = {}
-    elif isinstance(optim_args, dict):
-        raw = dict(optim_args)
-    elif isinstance(optim_args, str):
-        raw = {}
-        for item in optim_args.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if "=" not in item:
-                raise ValueError(
-                    f"Invalid optim_args entry {item!r} for optim='{SNR_OPTIM_NAME}': expected key=value "
-                    f"pairs separated by commas. Accepted keys: {accepted_options()}"
-                )
-            key, value = item.split("=", 1)
-            key = key.strip()
-            if key in raw:
-                raise ValueError(f"optim_args key {key!r} is given twice in {optim_args!r} for optim='{SNR_OPTIM_NAME}'")
-            raw[key] = value.strip()
-    else:
-        raise ValueError(f"optim_args must be a string like 'mask=soft,softness=3' or a dict, got {optim_args!r}")
 
+def _split(optim_args: str) -> dict[str, str]:
+    raw: dict[str, str] = {}
+    for item in optim_args.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise OptionError(
+                f"Invalid optim_args entry {item!r} for optim='{SNR_OPTIM_NAME}': expected key=value "
+                f"pairs separated by commas. Accepted keys: {accepted_options()}"
+            )
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key in raw:
+            raise OptionError(f"optim_args key {key!r} is given twice in {optim_args!r} for optim='{SNR_OPTIM_NAME}'")
+        raw[key] = value.strip()
+    return raw
+
+
+def _parse(raw: dict[str, Any]) -> SNROptions:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = ALIASES.get(key, key)
-        if name not in OPTIONS:
-            raise ValueError(
+        if name not in OPTIM_ARGS_KEYS:
+            raise OptionError(
                 f"Unknown optim_args key {key!r} for optim='{SNR_OPTIM_NAME}'. Accepted keys: {accepted_options()}. "
                 "(lr, betas, eps and weight_decay come from TrainingArguments: learning_rate, adam_beta1/2, "
                 "adam_epsilon, weight_decay.)"
@@ -166,29 +302,40 @@ def parse_optim_args(optim_args: str | dict[str, Any] | None) -> SNROptions:
         try:
             if name in values:
                 raise ValueError(f"given twice (as {key!r} and under another name)")
-            values[name] = opt.convert(value)
+            typed = opt.convert(value)
+            if not (name == "alpha" and typed == "auto") and not opt.check(typed):
+                raise ValueError("out of range")
+            values[name] = typed
         except (ValueError, TypeError, re.error) as err:
-            raise ValueError(
+            raise OptionError(
                 f"Invalid optim_args value {key}={value!r} for optim='{SNR_OPTIM_NAME}' (accepted: {opt.accepted}): {err}"
             ) from None
     options = SNROptions(**values)
-    validate_options(options)
+    check_combination(options.optimizer_kwargs(), where=f"optim_args for optim='{SNR_OPTIM_NAME}'")
     return options
 
 
-def validate_options(options: SNROptions) -> None:
-    """Run the optimizer's own checks now, at argument-construction time, not at the first step."""
-    alpha = options.alpha
-    if isinstance(alpha, str) and alpha != "auto":
-        raise ValueError(f"Invalid alpha value: {alpha!r} (accepted: a finite number >= 0, or 'auto')")
-    kw = options.optimizer_kwargs()
-    nonfinite = kw.pop("nonfinite")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid nonfinite value: {nonfinite!r} (accepted: one of {', '.join(NONFINITE_POLICIES)})")
-    if isinstance(alpha, float) and not math.isfinite(alpha):
-        raise ValueError(f"Invalid alpha value: {alpha!r} (accepted: a finite number >= 0, or 'auto')")
-    _validate_hparams(dict(lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, snr=True, **kw),
-                      where=f"optim_args for optim='{SNR_OPTIM_NAME}'")
+@functools.lru_cache(maxsize=64)
+def _parse_string(optim_args: str) -> SNROptions:
+    return _parse(_split(optim_args))
+
+
+def parse_optim_args(optim_args: str | dict[str, Any] | SNROptions | None) -> SNROptions:
+    """Parse and validate ``"mask=soft,softness=3"`` (or a dict) into :class:`SNROptions`.
+
+    A string is parsed once (the typed result is cached and a copy returned). Raises
+    :class:`OptionError` (a ValueError) naming the bad key or value and listing what is accepted.
+    """
+    if isinstance(optim_args, SNROptions):
+        return optim_args
+    if optim_args is None or optim_args == "":
+        return SNROptions()
+    if isinstance(optim_args, str):
+        cached = _parse_string(optim_args)
+        return SNROptions(**cached.as_dict())
+    if isinstance(optim_args, dict):
+        return _parse(dict(optim_args))
+    raise OptionError(f"optim_args must be a string like 'mask=soft,softness=3' or a dict, got {optim_args!r}")
 
 
 def finite_data_alpha(n_examples: int | None, effective_batch: int, epochs: float) -> tuple[float, str]:

@@ -1,0 +1,453 @@
+/* Fused CPU kernel for one SNRAdamW step over a list of tensors (see hf_snr/fused_cpu.py).
+ *
+ * Built at first use by fused_cpu.py with the system C compiler:
+ *     gcc -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off -shared -fPIC
+ * No -ffast-math: every operation is an IEEE fp32 operation in the order torch's CPU kernels use,
+ * so the results match the torch implementation up to rounding (mostly bit for bit):
+ *   - lerp_(g, w) is fma(w, g - m, m) for |w| < 0.5, fma(w - 1, g - m, g) otherwise (ATen's lerp_vec),
+ *   - x.mul_(a).addcmul_(y, y, value=b) is fma(b * y, y, x * a) (ATen's addcmul, as compiled),
+ *   - x.add_(y, alpha=a) is fma(a, y, x),
+ *   - p.addcdiv_(t1, t2, value=-lr) is p + (-lr * t1) / t2 (not fused),
+ *   - x / scalar is a true division (ATen does not use the reciprocal for fp32).
+ * -ffp-contract=off keeps the compiler from fusing anything else.
+ *
+ * Work layout: the tensors of one call form one flat index space of N elements, cut into nparts
+ * equal contiguous ranges (nparts = the requested thread count, fewer for small N). Each range is
+ * walked in blocks of at most BLK elements that never cross a tensor or row boundary; a block runs
+ * a few short vectorizable loops over L1-resident scratch buffers. Sums (statistics, row sums) are
+ * accumulated in double, per range, in 8 fixed lanes, and the ranges' partials are combined in
+ * range order after the parallel region: the result depends on nparts only, not on scheduling.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define SNR_ABI 1
+#define BLK 256
+#define LANES 8
+#define MIN_PER_PART 32768 /* elements; smaller groups use fewer threads */
+#define MAX_PARTS 256
+
+enum { PASS_FULL = 0, PASS_MOMENTS = 1, PASS_UPDATE = 2 };
+enum { MASK_SNR = 0, MASK_SOFT = 1, MASK_HARD = 2 };
+enum { P_P = 0, P_G, P_M, P_V, P_S, P_P0, P_SQ, P_COUNT };
+
+typedef struct {
+    /* fp32 scalars: the caller rounds the Python doubles to fp32 as torch rounds a Python scalar */
+    float beta1, beta2, rho;
+    float omb1, omb2, omr;       /* 1 - beta1, 1 - beta2, 1 - rho (computed in double) */
+    float lr, eps, decay_mul, lrwd; /* decay_mul = 1 - lr * wd, lrwd = lr * wd */
+    float alpha, softness, c, noise_scale;
+    float mb_a, mb_b;            /* microbatch variance: est = max(a * sq - b * g^2, 0) */
+    int32_t pass, mask, signal, variance, decay, gate_open, want_stats, rows;
+    int32_t p_bf16, s_bf16, p0_bf16, nthreads;
+    int64_t ntensors;
+    void *const *ptrs;           /* P_COUNT arrays of ntensors pointers, back to back; NULL = absent */
+    const int64_t *numel;        /* ntensors */
+    const int64_t *row_len;      /* ntensors; used when rows != 0 (whole tensor: numel) */
+    const int64_t *row_off;      /* ntensors + 1: first row of each tensor in q_rows / row_sums */
+    const float *bc;             /* bc1, bc2, bcr of tensor k at bc[k * bc_stride + 0..2] */
+    int64_t bc_stride;           /* 3: one triple per tensor; 0: one shared triple */
+    const float *q_rows;         /* PASS_UPDATE with rows: one gate per row */
+    double *row_sums;            /* PASS_MOMENTS with rows: (rows, 2) sums of mu2 and sig2 */
+    double *stats;               /* want_stats: 5 sums */
+} snr_args;
+
+/* ---- bf16 <-> fp32 (round to nearest even, NaN -> quiet NaN, as c10::BFloat16) ---- */
+static inline float bf2f(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((f != f) ? 0x7fc0u : r);
+}
+
+static inline float fma_(float a, float b, float c)
+{
+#ifdef __FMA__
+    return fmaf(a, b, c);
+#else
+    return (float)((double)a * (double)b + (double)c); /* exact product; one (double) rounding */
+#endif
+}
+
+static inline float lerp_(float start, float end, float w)
+{
+    /* ATen: |w| < 0.5 ? start + w * (end - start) : end - (end - start) * (1 - w), as fmas */
+    return fabsf(w) < 0.5f ? fma_(w, end - start, start) : fma_(w - 1.0f, end - start, end);
+}
+
+static inline float clamp_min(float x, float lo) { return x < lo ? lo : x; } /* NaN stays NaN */
+
+/* ---- per-range accumulators ---- */
+typedef struct {
+    double st[5][LANES];
+    /* partial rows (a row cut by a range boundary): at most two per range */
+    int64_t prow[2];
+    double psum[2][2];
+    int npart;
+} part_acc;
+
+static void lanes_add2(const float *restrict a, const float *restrict b, int n, double *out_a, double *out_b)
+{
+    double la[LANES] = {0}, lb[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            la[j] += (double)a[i + j];
+            lb[j] += (double)b[i + j];
+        }
+    for (int j = 0; i < n; i++, j++) {
+        la[j] += (double)a[i];
+        lb[j] += (double)b[i];
+    }
+    double sa = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
+    double sb = ((lb[0] + lb[1]) + (lb[2] + lb[3])) + ((lb[4] + lb[5]) + (lb[6] + lb[7]));
+    *out_a = sa;
+    *out_b = sb;
+}
+
+/* statistics of one block: seen = v > 0, u = (q * lr) / den */
+static void block_stats(const snr_args *A, int n, const float *restrict q, const float *restrict den,
+                        const float *restrict mu2, const float *restrict sig2, const float *restrict V,
+                        double st[5][LANES])
+{
+    const float lr = A->lr;
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const int k = i + j;
+            const float seen = V[k] > 0.0f ? 1.0f : 0.0f;
+            const float u = (q[k] * lr) / den[k];
+            st[0][j] += (double)(V[k] > 0.0f ? q[k] : 0.0f);
+            st[1][j] += (double)seen;
+            st[2][j] += (double)((V[k] > 0.0f && q[k] > 0.5f) ? 1.0f : 0.0f);
+            st[3][j] += (double)(u * mu2[k]);
+            st[4][j] += (double)(u * sig2[k]);
+        }
+    for (int j = 0; i < n; i++, j++) {
+        const float u = (q[i] * lr) / den[i];
+        st[0][j] += (double)(V[i] > 0.0f ? q[i] : 0.0f);
+        st[1][j] += (double)(V[i] > 0.0f ? 1.0f : 0.0f);
+        st[2][j] += (double)((V[i] > 0.0f && q[i] > 0.5f) ? 1.0f : 0.0f);
+        st[3][j] += (double)(u * mu2[i]);
+        st[4][j] += (double)(u * sig2[i]);
+    }
+}
+
+/* One block of n <= BLK elements of tensor k starting at element off.
+ * qrow: the row's gate (rows mode, PASS_UPDATE). rs: where to add the block's mu2/sig2 sums. */
+static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qrow, double *rs, part_acc *acc)
+{
+    float gbuf[BLK], sbuf[BLK], mh[BLK], mu2[BLK], sig2[BLK], q[BLK], den[BLK];
+    void *const *P = A->ptrs;
+    const int64_t T = A->ntensors;
+    float *restrict M = (float *)P[P_M * T + k] + off;
+    float *restrict V = (float *)P[P_V * T + k] + off;
+    const float *bck = A->bc + k * A->bc_stride;
+    const float bc1 = bck[0], bc2 = bck[1], bcr = bck[2];
+    const int pass = A->pass;
+    const int need_g = pass != PASS_UPDATE || A->signal == 1;
+    const int elem_gate = !A->gate_open && !A->rows;
+    const int need_musig = pass == PASS_MOMENTS ? rs != NULL : (A->want_stats || elem_gate);
+
+    /* gradient as fp32 */
+    const float *restrict G = NULL;
+    if (need_g) {
+        if (A->p_bf16) {
+            const uint16_t *restrict Gh = (const uint16_t *)P[P_G * T + k] + off;
+            for (int i = 0; i < n; i++) gbuf[i] = bf2f(Gh[i]);
+            G = gbuf;
+        } else {
+            G = (const float *)P[P_G * T + k] + off;
+        }
+    }
+
+    /* variance state (and, before the update, the moments) */
+    const float *restrict S; /* fp32 values of the (new) variance state, as stored */
+    if (pass != PASS_UPDATE) {
+        const float rho = A->rho, omr = A->omr;
+        float *restrict est = sig2; /* scratch: the per-element variance increment */
+        if (A->variance == 0) {
+            for (int i = 0; i < n; i++) {
+                const float d = G[i] - M[i];
+                est[i] = d;
+            }
+        } else {
+            float *restrict SQ = (float *)P[P_SQ * T + k] + off;
+            const float a = A->mb_a, nb = -A->mb_b;
+            for (int i = 0; i < n; i++) {
+                est[i] = clamp_min(fma_(nb * G[i], G[i], a * SQ[i]), 0.0f);
+                SQ[i] = 0.0f;
+            }
+        }
+        if (A->s_bf16) {
+            uint16_t *restrict Sh = (uint16_t *)P[P_S * T + k] + off;
+            if (A->variance == 0)
+                for (int i = 0; i < n; i++) {
+                    const uint16_t h = f2bf(fma_(omr * est[i], est[i], bf2f(Sh[i]) * rho));
+                    Sh[i] = h;
+                    sbuf[i] = bf2f(h);
+                }
+            else
+                for (int i = 0; i < n; i++) {
+                    const uint16_t h = f2bf(fma_(omr, est[i], bf2f(Sh[i]) * rho));
+                    Sh[i] = h;
+                    sbuf[i] = bf2f(h);
+                }
+            S = sbuf;
+        } else {
+            float *restrict Sf = (float *)P[P_S * T + k] + off;
+            if (A->variance == 0)
+                for (int i = 0; i < n; i++) Sf[i] = fma_(omr * est[i], est[i], Sf[i] * rho);
+            else
+                for (int i = 0; i < n; i++) Sf[i] = fma_(omr, est[i], Sf[i] * rho);
+            S = Sf;
+        }
+        const float omb1 = A->omb1, omb2 = A->omb2, beta2 = A->beta2;
+        if (fabsf(omb1) < 0.5f)
+            for (int i = 0; i < n; i++) {
+                const float gi = G[i], mi = M[i];
+                M[i] = fma_(omb1, gi - mi, mi);
+                V[i] = fma_(omb2 * gi, gi, V[i] * beta2);
+            }
+        else
+            for (int i = 0; i < n; i++) {
+                const float gi = G[i];
+                M[i] = lerp_(M[i], gi, omb1);
+                V[i] = fma_(omb2 * gi, gi, V[i] * beta2);
+            }
+    } else if (A->s_bf16) {
+        const uint16_t *restrict Sh = (const uint16_t *)P[P_S * T + k] + off;
+        for (int i = 0; i < n; i++) sbuf[i] = bf2f(Sh[i]);
+        S = sbuf;
+    } else {
+        S = (const float *)P[P_S * T + k] + off;
+    }
+
+    if (pass == PASS_MOMENTS && !rs) return;
+
+    /* bias-corrected mean, signal and noise */
+    for (int i = 0; i < n; i++) mh[i] = M[i] / bc1;
+    if (need_musig) {
+        const float ns = A->noise_scale;
+        if (A->signal == 0)
+            for (int i = 0; i < n; i++) mu2[i] = mh[i] * mh[i];
+        else
+            for (int i = 0; i < n; i++) mu2[i] = G[i] * G[i];
+        for (int i = 0; i < n; i++) sig2[i] = (S[i] / bcr) * ns;
+    }
+    if (pass == PASS_MOMENTS) {
+        if (rs) {
+            double a, b;
+            lanes_add2(mu2, sig2, n, &a, &b);
+            rs[0] += a;
+            rs[1] += b;
+        }
+        return;
+    }
+
+    /* the gate */
+    if (A->gate_open) {
+        for (int i = 0; i < n; i++) q[i] = 1.0f;
+    } else if (A->rows) {
+        for (int i = 0; i < n; i++) q[i] = qrow;
+    } else if (A->mask == MASK_SNR) {
+        const float c = A->c;
+        for (int i = 0; i < n; i++) q[i] = mu2[i] / clamp_min(mu2[i] + c * sig2[i], FLT_MIN);
+    } else if (A->mask == MASK_SOFT) {
+        const float alpha = A->alpha, sf = A->softness;
+        for (int i = 0; i < n; i++) {
+            const float e = clamp_min(mu2[i] - alpha * sig2[i], 0.0f);
+            q[i] = e / clamp_min(e + sf * sig2[i], FLT_MIN);
+        }
+    } else {
+        const float alpha = A->alpha;
+        for (int i = 0; i < n; i++) q[i] = mu2[i] > alpha * sig2[i] ? 1.0f : 0.0f;
+    }
+
+    /* the parameter update */
+    {
+        const float bc2f = bc2, eps = A->eps, nlr = -A->lr;
+        for (int i = 0; i < n; i++) den[i] = sqrtf(V[i] / bc2f) + eps;
+        float *restrict upd = mh; /* q * m_hat, in place */
+        for (int i = 0; i < n; i++) upd[i] = q[i] * mh[i];
+        if (A->decay == 0) {
+            const float dm = A->decay_mul;
+            if (A->p_bf16) {
+                uint16_t *restrict Ph = (uint16_t *)P[P_P * T + k] + off;
+                for (int i = 0; i < n; i++) Ph[i] = f2bf(bf2f(Ph[i]) * dm + (nlr * upd[i]) / den[i]);
+            } else {
+                float *restrict Pf = (float *)P[P_P * T + k] + off;
+                for (int i = 0; i < n; i++) Pf[i] = Pf[i] * dm + (nlr * upd[i]) / den[i];
+            }
+        } else {
+            const float w = A->lrwd;
+            float *restrict p0 = gbuf; /* the anchor as fp32 (the gradient is no longer needed) */
+            if (A->p0_bf16) {
+                const uint16_t *restrict Ah = (const uint16_t *)P[P_P0 * T + k] + off;
+                for (int i = 0; i < n; i++) p0[i] = bf2f(Ah[i]);
+            } else {
+                memcpy(p0, (const float *)P[P_P0 * T + k] + off, (size_t)n * sizeof(float));
+            }
+            if (A->p_bf16) {
+                uint16_t *restrict Ph = (uint16_t *)P[P_P * T + k] + off;
+                for (int i = 0; i < n; i++) {
+                    const float pf = bf2f(Ph[i]);
+                    Ph[i] = f2bf(fma_(w, p0[i] - pf, pf) + (nlr * upd[i]) / den[i]);
+                }
+            } else {
+                float *restrict Pf = (float *)P[P_P * T + k] + off;
+                for (int i = 0; i < n; i++) {
+                    const float pf = Pf[i];
+                    Pf[i] = fma_(w, p0[i] - pf, pf) + (nlr * upd[i]) / den[i];
+                }
+            }
+        }
+    }
+    if (A->want_stats) block_stats(A, n, q, den, mu2, sig2, V, acc->st);
+}
+
+/* The elements [lo, hi) of the flat index space (prefix: starts of the tensors). */
+static void run_range(const snr_args *A, const int64_t *prefix, int64_t lo, int64_t hi, part_acc *acc)
+{
+    const int64_t T = A->ntensors;
+    int64_t k = 0;
+    while (k < T && prefix[k + 1] <= lo) k++;
+    for (; k < T && prefix[k] < hi; k++) {
+        const int64_t t0 = prefix[k];
+        int64_t a = (lo > t0 ? lo : t0) - t0;
+        const int64_t b = (hi < prefix[k + 1] ? hi : prefix[k + 1]) - t0;
+        if (!A->rows || (A->pass != PASS_MOMENTS && A->gate_open)) { /* no row structure needed */
+            for (; a < b; a += BLK) {
+                const int n = (int)(b - a < BLK ? b - a : BLK);
+                run_block(A, k, a, n, 1.0f, NULL, acc);
+            }
+            continue;
+        }
+        const int64_t rl = A->row_len[k];
+        while (a < b) {
+            const int64_t r = a / rl, r_lo = r * rl, r_hi = r_lo + rl;
+            const int64_t e = b < r_hi ? b : r_hi;
+            const int64_t row = A->row_off[k] + r;
+            if (A->pass == PASS_MOMENTS) {
+                double s2[2] = {0.0, 0.0};
+                for (int64_t x = a; x < e; x += BLK) {
+                    const int n = (int)(e - x < BLK ? e - x : BLK);
+                    run_block(A, k, x, n, 0.0f, s2, acc);
+                }
+                if (a == r_lo && e == r_hi) {
+                    A->row_sums[2 * row] = s2[0];
+                    A->row_sums[2 * row + 1] = s2[1];
+                } else { /* cut by a range boundary: combined after the parallel region */
+                    acc->prow[acc->npart] = row;
+                    acc->psum[acc->npart][0] = s2[0];
+                    acc->psum[acc->npart][1] = s2[1];
+                    acc->npart++;
+                }
+            } else {
+                const float qr = A->q_rows[row];
+                for (int64_t x = a; x < e; x += BLK) {
+                    const int n = (int)(e - x < BLK ? e - x : BLK);
+                    run_block(A, k, x, n, qr, NULL, acc);
+                }
+            }
+            a = e;
+        }
+    }
+}
+
+int snr_abi(void) { return SNR_ABI; }
+
+int snr_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Returns 0 on success, a negative code on bad arguments (the Python side checks them first). */
+int snr_run(const snr_args *A)
+{
+    const int64_t T = A->ntensors;
+    if (T < 0 || A->pass < 0 || A->pass > 2) return -1;
+    if (A->pass == PASS_MOMENTS && A->rows && !A->row_sums) return -2;
+    if (A->pass == PASS_UPDATE && A->rows && !A->gate_open && !A->q_rows) return -3;
+    if (A->pass == PASS_FULL && A->rows && !A->gate_open) return -4;
+    int64_t *prefix = (int64_t *)malloc((size_t)(T + 1) * sizeof(int64_t));
+    if (!prefix) return -5;
+    prefix[0] = 0;
+    for (int64_t k = 0; k < T; k++) prefix[k + 1] = prefix[k] + A->numel[k];
+    const int64_t N = prefix[T];
+
+    /* rows of empty tensors get zero sums (no block ever touches them) */
+    if (A->pass == PASS_MOMENTS && A->rows)
+        for (int64_t k = 0; k < T; k++)
+            if (A->numel[k] == 0)
+                for (int64_t r = A->row_off[k]; r < A->row_off[k + 1]; r++) A->row_sums[2 * r] = A->row_sums[2 * r + 1] = 0.0;
+
+    int64_t nparts = A->nthreads < 1 ? 1 : A->nthreads;
+    if (nparts > MAX_PARTS) nparts = MAX_PARTS;
+    if (nparts > 1 && N / nparts < MIN_PER_PART) nparts = N / MIN_PER_PART > 1 ? N / MIN_PER_PART : 1;
+    part_acc *acc = (part_acc *)calloc((size_t)nparts, sizeof(part_acc));
+    if (!acc) {
+        free(prefix);
+        return -5;
+    }
+    if (nparts == 1) {
+        run_range(A, prefix, 0, N, &acc[0]);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nparts)
+        {
+            const int64_t nth = omp_get_num_threads();
+            for (int64_t t = omp_get_thread_num(); t < nparts; t += nth)
+                run_range(A, prefix, N / nparts * t + (N % nparts) * t / nparts,
+                          N / nparts * (t + 1) + (N % nparts) * (t + 1) / nparts, &acc[t]);
+        }
+#else
+        for (int64_t t = 0; t < nparts; t++)
+            run_range(A, prefix, N / nparts * t + (N % nparts) * t / nparts,
+                      N / nparts * (t + 1) + (N % nparts) * (t + 1) / nparts, &acc[t]);
+#endif
+    }
+
+    /* combine, in range order */
+    if (A->pass == PASS_MOMENTS && A->rows) {
+        for (int64_t t = 0; t < nparts; t++)
+            for (int j = 0; j < acc[t].npart; j++) A->row_sums[2 * acc[t].prow[j]] = A->row_sums[2 * acc[t].prow[j] + 1] = 0.0;
+        for (int64_t t = 0; t < nparts; t++)
+            for (int j = 0; j < acc[t].npart; j++) {
+                A->row_sums[2 * acc[t].prow[j]] += acc[t].psum[j][0];
+                A->row_sums[2 * acc[t].prow[j] + 1] += acc[t].psum[j][1];
+            }
+    }
+    if (A->want_stats && A->pass != PASS_MOMENTS) {
+        double tot[5] = {0, 0, 0, 0, 0};
+        for (int64_t t = 0; t < nparts; t++)
+            for (int s = 0; s < 5; s++) {
+                const double *l = acc[t].st[s];
+                tot[s] += ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+            }
+        tot[4] *= (double)A->alpha;
+        for (int s = 0; s < 5; s++) A->stats[s] = tot[s];
+    }
+    free(acc);
+    free(prefix);
+    return 0;
+}

@@ -1,0 +1,59 @@
+"""Checks of the training arguments for optim="snr_adamw" that can run when the arguments are built.
+
+DeepSpeed configurations under which DeepSpeed or accelerate would silently swap SNRAdamW out, and
+options that cannot work on a backend. Imports neither torch nor transformers: the wrapped
+``TrainingArguments.__post_init__`` (see :mod:`hf_snr.registration`) calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .options import SNROptions
+
+
+def check_deepspeed_config(config: dict[str, Any] | None) -> None:
+    """Refuse DeepSpeed configs under which DeepSpeed or accelerate would silently swap SNRAdamW out."""
+    if not config:
+        return
+    if "optimizer" in config:
+        raise ValueError(
+            "optim='snr_adamw' with a DeepSpeed config that has an \"optimizer\" section: DeepSpeed would build "
+            f"its own {config['optimizer'].get('type', '?')} optimizer and SNRAdamW would never run. "
+            "Remove the \"optimizer\" section from the DeepSpeed JSON (keep \"zero_optimization\"); the Trainer "
+            "then hands SNRAdamW to DeepSpeed as a client optimizer."
+        )
+    zero = config.get("zero_optimization", {}) or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(
+            f"optim='snr_adamw' with ZeRO optimizer offload (device={offload!r}): accelerate would silently replace "
+            "SNRAdamW with DeepSpeedCPUAdam. Add \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed JSON to keep "
+            "SNRAdamW (its step then runs in PyTorch on the CPU copy), or turn offload_optimizer off."
+        )
+
+
+def _deepspeed_config_of(args: TrainingArguments) -> dict[str, Any] | None:
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds is not None:
+        return hf_ds.config
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        cfg = getattr(plugin, "deepspeed_config", None)
+        if isinstance(cfg, dict):
+            return cfg
+    return None
+
+
+def check_args(args: TrainingArguments, options: SNROptions) -> None:
+    """Checks that can run when the arguments are built: DeepSpeed swaps and flat-partition limits."""
+    ds = _deepspeed_config_of(args)
+    if ds is None:
+        return
+    check_deepspeed_config(ds)
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if options.reduction == "tensor" and stage in (1, 2, 3):
+        raise ValueError(
+            f"optim_args reduction='tensor' cannot run under DeepSpeed ZeRO stage {stage}: the optimizer sees flat "
+            "partitions that mix slices of many tensors. Use reduction='element' (exact under ZeRO) or FSDP2."
+        )

@@ -1,0 +1,498 @@
+"""Fused CPU kernel for the SNRAdamW step: one pass over p, g, m, v, s per parameter group.
+
+The C source next to this file (``_snr_cpu.c``) is compiled at first use with the system C compiler
+(``$HF_SNR_CC``, default ``gcc``) into a cache folder (``$HF_SNR_CACHE``, default
+``~/.cache/hf_snr``) and loaded with ctypes; no torch headers are involved (about a second). The
+file name carries a hash of the source, the compiler's version, the flags and the CPU (the
+``flags`` line of /proc/cpuinfo and ``platform.machine()``), so a changed machine recompiles, and
+it is written under a temporary name and renamed, so two processes starting at once are safe.
+When no compiler is found or the build or the load fails, :func:`available` is False and
+:func:`unavailable_reason` says why (the caller falls back to the torch implementation).
+
+Math, per element, in fp32 IEEE arithmetic (no -ffast-math; the order of operations is that of
+torch's CPU kernels, so results equal the torch implementation up to rounding, mostly bit for bit)::
+
+    variance "ema":        d = g - m ; s = rho s + (1 - rho) d^2            (m: the previous m)
+    variance "microbatch": s = rho s + (1 - rho) max(a sq - b g^2, 0) ; sq = 0
+    m = lerp(m, g, 1 - beta1) ; v = beta2 v + (1 - beta2) g^2
+    m_hat = m / bc1 ; mu2 = m_hat^2 ("ema") or g^2 ("step") ; sig2 = s / bcr * noise_scale
+    q = 1 (gate_open) | q_rows[row] | mask(mu2, sig2)
+    p = p (1 - lr wd)  or  p - lr wd (p - p0) ; p = p - lr q m_hat / (sqrt(v / bc2) + eps)
+
+bf16 parameters/gradients/variance/anchors are read as fp32 and stored rounded to nearest even;
+the variance's sig2 uses the stored (rounded) value, as a second pass reading it would.
+
+API (all tensors contiguous CPU tensors; one dtype combination per call, see :func:`step`):
+
+* :func:`step` — moments, element gate (or an open gate) and update, in one pass.
+* :func:`moments` + :func:`update` — the two passes of a row / whole-tensor gate: ``moments``
+  updates s, m, v (and zeroes sq) and returns the per-row sums of mu2 and sig2; the caller turns
+  them into one gate per row (:func:`gate` does it locally, after any all-reduce) and ``update``
+  applies the gated step. ``update`` never touches m, v, s.
+
+Statistics (``want_stats=True``) come back as 5 Python floats, accumulated in double and
+deterministic for a given thread count: ``(mask_sum, mask_count, active_count, signal, noise)``
+with seen = v > 0 and u = lr q / denom: sum of q over seen coordinates, number seen, number seen
+with q > 0.5, sum of u mu2, alpha * sum of u sig2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from array import array
+from typing import Sequence
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
+_ABI = 1
+_BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+# Tried in order: the fast build, then one without -march=native / OpenMP (e.g. a compiler that
+# lacks them); the chosen flags are part of the cache key.
+_FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
+
+_MASKS = {"snr": 0, "soft": 1, "hard": 2}
+_SIGNALS = {"ema": 0, "step": 1}
+_VARIANCES = {"ema": 0, "microbatch": 1}
+_FP32_MAX = torch.finfo(torch.float32).max
+_TINY = torch.finfo(torch.float32).tiny
+_PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = 0, 1, 2
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_float) for name in (
+        "beta1", "beta2", "rho", "omb1", "omb2", "omr", "lr", "eps", "decay_mul", "lrwd",
+        "alpha", "softness", "c", "noise_scale", "mb_a", "mb_b")] + [
+        (name, ctypes.c_int32) for name in (
+            "pass_", "mask", "signal", "variance", "decay", "gate_open", "want_stats", "rows",
+            "p_bf16", "s_bf16", "p0_bf16", "nthreads")] + [
+        ("ntensors", ctypes.c_int64),
+        ("ptrs", ctypes.c_void_p),
+        ("numel", ctypes.c_void_p),
+        ("row_len", ctypes.c_void_p),
+        ("row_off", ctypes.c_void_p),
+        ("bc", ctypes.c_void_p),
+        ("bc_stride", ctypes.c_int64),
+        ("q_rows", ctypes.c_void_p),
+        ("row_sums", ctypes.c_void_p),
+        ("stats", ctypes.c_void_p),
+    ]
+
+
+# -- building and loading ------------------------------------------------------------------------
+_lock = threading.Lock()
+_state: dict = {}  # "lib", "reason", "path" once loaded (or failed)
+
+
+def _cpu_id() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[-1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("HF_SNR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_snr")
+    return d
+
+
+def _build(cc: str | None = None, cache_dir: str | None = None):
+    """Compile (if not cached) and load the kernel. Returns (lib, path, None) or (None, None, reason)."""
+    cc = cc or os.environ.get("HF_SNR_CC") or "gcc"
+    exe = shutil.which(cc)
+    if exe is None:
+        return None, None, f"C compiler {cc!r} not found (set HF_SNR_CC to a C compiler)"
+    try:
+        with open(_SOURCE, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        return None, None, f"kernel source {_SOURCE} unreadable: {e}"
+    try:
+        ver = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+        version = ver.stdout.strip()
+        if ver.returncode != 0 or not version:
+            return None, None, f"{exe} --version failed: {ver.stderr.strip()[:200]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, None, f"cannot run {exe}: {e}"
+    cache_dir = cache_dir or _cache_dir()
+    errors = []
+    for extra in _FLAG_SETS:
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256(b"\0".join([
+            source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(), str(_ABI).encode(),
+        ])).hexdigest()[:24]
+        for folder in (cache_dir, os.path.join(tempfile.gettempdir(), f"hf_snr-{os.getuid()}")):
+            path = os.path.join(folder, f"_snr_cpu-{key}.so")
+            if not os.path.exists(path):
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+                    os.close(fd)
+                except OSError as e:
+                    errors.append(f"cache folder {folder}: {e}")
+                    continue
+                try:
+                    res = subprocess.run([exe, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True,
+                                         timeout=300)
+                    if res.returncode != 0:
+                        errors.append(f"{os.path.basename(exe)} {' '.join(flags)}: {res.stderr.strip()[-400:]}")
+                        break  # the same flags fail in any folder
+                    os.replace(tmp, path)
+                except (OSError, subprocess.SubprocessError) as e:
+                    errors.append(f"{os.path.basename(exe)} {' '.join(flags)}: {e}")
+                    continue
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            try:
+                lib = ctypes.CDLL(path)
+                if lib.snr_abi() != _ABI:
+                    raise OSError(f"ABI {lib.snr_abi()} != {_ABI}")
+            except OSError as e:
+                errors.append(f"loading {path}: {e}")
+                continue
+            lib.snr_run.argtypes = [ctypes.POINTER(_Args)]
+            lib.snr_run.restype = ctypes.c_int
+            lib.snr_openmp.restype = ctypes.c_int
+            return lib, path, None
+    return None, None, "building the fused CPU kernel failed: " + " | ".join(errors)
+
+
+def _load():
+    if "reason" not in _state:
+        with _lock:
+            if "reason" not in _state:
+                lib, path, reason = _build()
+                _state.update(lib=lib, path=path, reason=reason)
+    return _state["lib"]
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests: re-read HF_SNR_CC / HF_SNR_CACHE on the next call)."""
+    with _lock:
+        _state.clear()
+        _plans.clear()
+
+
+def available() -> bool:
+    """Whether the fused kernel could be built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    _load()
+    return _state["reason"]
+
+
+def library_path() -> str | None:
+    """The loaded shared library (None when unavailable)."""
+    _load()
+    return _state["path"]
+
+
+# -- argument checking (cached per set of state tensors) -------------------------------------------
+_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_contig = torch.Tensor.is_contiguous
+_dtype = torch.Tensor.dtype.__get__
+_is_cpu = torch.Tensor.is_cpu.__get__
+_F32, _BF16 = torch.float32, torch.bfloat16
+_plans: dict = {}
+_MAX_PLANS = 64
+
+
+class _Plan:
+    __slots__ = ("numels", "numel_arr", "row_len_arr", "row_off_arr", "rows", "pdtype", "s_bf16", "p0_bf16")
+
+
+def _check_list(name, ts, n, dtypes, numels):
+    if ts is None or len(ts) != n:
+        raise ValueError(f"fused_cpu: {name} must be a list of {n} tensors (got {None if ts is None else len(ts)})")
+    for i, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"fused_cpu: {name}[{i}] is {type(t).__name__}, not a tensor")
+        if t.device.type != "cpu":
+            raise ValueError(f"fused_cpu: {name}[{i}] is on {t.device}, expected a CPU tensor")
+        if t.dtype not in dtypes:
+            raise ValueError(f"fused_cpu: {name}[{i}] has dtype {t.dtype}, expected "
+                             f"{' or '.join(str(d) for d in dtypes)}")
+        if not t.is_contiguous():
+            raise ValueError(f"fused_cpu: {name}[{i}] is not contiguous (shape {tuple(t.shape)}, "
+                             f"stride {t.stride()})")
+        if numels is not None and t.numel() != numels[i]:
+            raise ValueError(f"fused_cpu: {name}[{i}] has {t.numel()} elements, its parameter {numels[i]}")
+        if t.is_sparse or t.is_quantized:
+            raise ValueError(f"fused_cpu: {name}[{i}] must be a dense tensor")
+    kinds = {t.dtype for t in ts}
+    if len(kinds) > 1:
+        raise ValueError(f"fused_cpu: {name} mixes dtypes {sorted(map(str, kinds))}; call once per dtype")
+    return kinds.pop() if kinds else None
+
+
+def _row_lens(row_lens, params, numels):
+    if isinstance(row_lens, str):
+        if row_lens == "tensor":
+            return list(numels)
+        if row_lens == "row":
+            return [n // p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else n for p, n in zip(params, numels)]
+        raise ValueError(f"fused_cpu: row_lens must be 'tensor', 'row' or a list of ints, not {row_lens!r}")
+    rl = [int(r) for r in row_lens]
+    if len(rl) != len(numels):
+        raise ValueError(f"fused_cpu: row_lens has {len(rl)} entries for {len(numels)} tensors")
+    for i, (r, n) in enumerate(zip(rl, numels)):
+        if r <= 0 and n > 0 or r > 0 and n % r != 0:
+            raise ValueError(f"fused_cpu: row_lens[{i}] = {r} does not divide the tensor's {n} elements")
+    return rl
+
+
+def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs):
+    """Validate the per-group tensors once per distinct set of (pointers, numels); cheap afterwards."""
+    numels = list(map(_numel, params))
+    key = (ptrs, tuple(numels), row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens))
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    n = len(params)
+    pdtype = _check_list("params", params, n, (_F32, _BF16), None)
+    _check_list("exp_avgs", exp_avgs, n, (_F32,), numels)
+    _check_list("exp_avg_sqs", exp_avg_sqs, n, (_F32,), numels)
+    sdtype = _check_list("exp_vars", exp_vars, n, (_F32, _BF16), numels)
+    p0dtype = _check_list("anchors", anchors, n, (_F32, _BF16), numels) if anchors is not None else None
+    if sq_sums is not None:
+        _check_list("sq_sums", sq_sums, n, (_F32,), numels)
+    plan = _Plan()
+    plan.numels = numels
+    plan.numel_arr = array("q", numels)
+    plan.pdtype = pdtype
+    plan.s_bf16 = int(sdtype == _BF16)
+    plan.p0_bf16 = int(p0dtype == _BF16)
+    if row_lens is not None:
+        rl = _row_lens(row_lens, params, numels)
+        off = [0]
+        for r, num in zip(rl, numels):
+            off.append(off[-1] + (num // r if r > 0 else 1))
+        plan.row_len_arr, plan.row_off_arr, plan.rows = array("q", rl), array("q", off), off[-1]
+    else:
+        plan.row_len_arr = plan.row_off_arr = None
+        plan.rows = 0
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _grad_ptrs(grads, plan, n):
+    if grads is None or len(grads) != n:
+        raise ValueError(f"fused_cpu: grads must be a list of {n} tensors")
+    try:
+        ok = (all(map(_is_cpu, grads)) and all(map(_contig, grads))
+              and set(map(_dtype, grads)) <= {plan.pdtype} and list(map(_numel, grads)) == plan.numels)
+    except TypeError:
+        ok = False
+    if not ok:  # say which one is wrong
+        _check_list("grads", grads, n, (plan.pdtype,), plan.numels)
+        raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
+    return list(map(_ptr, grads))
+
+
+def _bc_array(bc1, bc2, bcr, n):
+    if isinstance(bc1, (int, float)) and isinstance(bc2, (int, float)) and isinstance(bcr, (int, float)):
+        return array("f", (bc1, bc2, bcr)), 0
+    per = [x if isinstance(x, Sequence) else [x] * n for x in (bc1, bc2, bcr)]
+    if any(len(x) != n for x in per):
+        raise ValueError(f"fused_cpu: bc1, bc2, bcr must be floats or sequences of {n} floats")
+    out = array("f", bytes(12 * n))
+    out[0::3], out[1::3], out[2::3] = array("f", per[0]), array("f", per[1]), array("f", per[2])
+    return out, 3
+
+
+def _choice(name, value, table):
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"fused_cpu: {name} must be one of {', '.join(table)}, not {value!r}") from None
+
+
+def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None, sq_sums=None, row_lens=None,
+         q_rows=None, lr=0.0, beta1=0.9, beta2=0.999, rho=0.999, eps=1e-8, weight_decay=0.0, bc1=1.0, bc2=1.0,
+         bcr=1.0, alpha=1.0, softness=1.0, c=None, mask="snr", signal="ema", noise_scale=1.0, variance="ema",
+         sq_scale=1.0, g2_scale=0.0, gate_open=False, want_stats=False, num_threads=None):
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
+    n = len(params)
+    try:
+        pp = list(map(_ptr, params))
+        mp = list(map(_ptr, exp_avgs))
+        vp = list(map(_ptr, exp_avg_sqs))
+        sp = list(map(_ptr, exp_vars))
+        p0p = list(map(_ptr, anchors)) if anchors is not None and pass_ != _PASS_MOMENTS else None
+        sqp = list(map(_ptr, sq_sums)) if sq_sums is not None and pass_ != _PASS_UPDATE else None
+        ok = len(mp) == len(vp) == len(sp) == n and all(x is None or len(x) == n for x in (p0p, sqp))
+    except TypeError:  # a non-tensor somewhere
+        ok = False
+    if not ok:  # the full check names the culprit
+        for name, ts in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                         ("exp_vars", exp_vars), ("anchors", anchors), ("sq_sums", sq_sums)):
+            if ts is not None:
+                _check_list(name, ts, n, (_F32, _BF16), None)
+        raise ValueError("fused_cpu: the tensor lists must be lists of tensors of one length")
+    variance_k = _choice("variance", variance, _VARIANCES)
+    signal_k = _choice("signal", signal, _SIGNALS)
+    mask_k = _choice("mask", mask, _MASKS)
+    if pass_ != _PASS_UPDATE and variance_k == 1 and sq_sums is None:
+        raise ValueError("fused_cpu: variance='microbatch' needs sq_sums")
+    key_ptrs = (tuple(pp), tuple(mp), tuple(vp), tuple(sp), p0p and tuple(p0p), sqp and tuple(sqp))
+    plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if p0p is not None else None,
+                 sq_sums if sqp is not None else None, row_lens, key_ptrs)
+    need_g = pass_ != _PASS_UPDATE or signal_k == 1
+    gp = _grad_ptrs(grads, plan, n) if need_g else [0] * n
+    zeros = [0] * n
+    ptrs = array("Q", pp + gp + mp + vp + sp + (p0p if p0p is not None else zeros)
+                 + (sqp if sqp is not None else zeros))
+    bc, bc_stride = _bc_array(bc1, bc2, bcr, n)
+
+    a = _Args()
+    a.beta1, a.beta2, a.rho = beta1, beta2, rho
+    a.omb1, a.omb2, a.omr = 1.0 - beta1, 1.0 - beta2, 1.0 - rho
+    lr = float(lr)
+    a.lr, a.eps, a.decay_mul, a.lrwd = lr, eps, 1.0 - lr * weight_decay, lr * weight_decay
+    alpha, softness = min(float(alpha), _FP32_MAX), min(float(softness), _FP32_MAX)
+    a.alpha, a.softness = alpha, softness
+    a.c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
+    a.noise_scale, a.mb_a, a.mb_b = noise_scale, sq_scale, g2_scale
+    a.pass_, a.mask, a.signal, a.variance = pass_, mask_k, signal_k, variance_k
+    a.decay = int(anchors is not None)
+    a.gate_open, a.want_stats = int(bool(gate_open)), int(bool(want_stats))
+    a.p_bf16, a.s_bf16, a.p0_bf16 = int(plan.pdtype == _BF16), plan.s_bf16, plan.p0_bf16
+    a.nthreads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    a.ntensors = n
+    a.ptrs = ptrs.buffer_info()[0]
+    a.numel = plan.numel_arr.buffer_info()[0]
+    a.bc = bc.buffer_info()[0]
+    a.bc_stride = bc_stride
+    out = None
+    if plan.row_len_arr is not None:
+        a.rows = 1
+        a.row_len = plan.row_len_arr.buffer_info()[0]
+        a.row_off = plan.row_off_arr.buffer_info()[0]
+        if pass_ == _PASS_MOMENTS:
+            out = torch.empty((plan.rows, 2), dtype=torch.float64)
+            a.row_sums = out.data_ptr()
+        elif not gate_open:
+            if (not isinstance(q_rows, torch.Tensor) or q_rows.dtype != _F32 or q_rows.device.type != "cpu"
+                    or not q_rows.is_contiguous() or q_rows.numel() != plan.rows):
+                raise ValueError(f"fused_cpu: q_rows must be a contiguous CPU float32 tensor of {plan.rows} "
+                                 f"gates (one per row), got {_describe(q_rows)}")
+            a.q_rows = q_rows.data_ptr()
+    stats = (ctypes.c_double * 5)() if want_stats else None
+    if stats is not None:
+        a.stats = ctypes.addressof(stats)
+    rc = lib.snr_run(ctypes.byref(a))
+    if rc != 0:
+        raise RuntimeError(f"fused_cpu: the kernel rejected its arguments (code {rc})")
+    if pass_ == _PASS_MOMENTS:
+        return out
+    return tuple(stats) if stats is not None else None
+
+
+def _describe(t):
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} {t.device} shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}"
+
+
+# -- public API ----------------------------------------------------------------------------------
+def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: float, beta2: float, rho: float,
+         eps: float, weight_decay: float, bc1, bc2, bcr, alpha: float = 1.0, softness: float = 1.0,
+         c: float | None = None, mask: str = "snr", signal: str = "ema", noise_scale: float = 1.0,
+         variance: str = "ema", sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, anchors=None,
+         gate_open: bool = False, want_stats: bool = False, num_threads: int | None = None):
+    """One fused SNRAdamW step (moments, element gate or open gate, update) over a list of tensors.
+
+    params: fp32 or bf16 tensors, updated in place (all of one dtype); grads: same dtype;
+    exp_avgs, exp_avg_sqs: fp32 m and v; exp_vars: fp32 or bf16 variance s (all of one dtype).
+    bc1, bc2, bcr: 1 - beta1^t, 1 - beta2^t, 1 - rho^t, a float (shared) or one per tensor.
+    c: softness * alpha (default: computed; clamped to fp32's largest value like alpha, softness).
+    mask: "snr" | "soft" | "hard"; signal: "ema" (mu2 = m_hat^2) | "step" (mu2 = g^2).
+    variance: "ema" | "microbatch" (needs sq_sums, fp32, zeroed by the kernel;
+    est = max(sq_scale * sq - g2_scale * g^2, 0)). anchors: decay towards these (fp32 or bf16)
+    instead of towards zero. gate_open: q = 1 (warm-up, plain AdamW). num_threads: default
+    torch.get_num_threads(). Returns the 5 statistics (see the module doc) when want_stats, else None.
+    """
+    return _run(_PASS_FULL, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors=anchors, sq_sums=sq_sums,
+                lr=lr, beta1=beta1, beta2=beta2, rho=rho, eps=eps, weight_decay=weight_decay, bc1=bc1, bc2=bc2,
+                bcr=bcr, alpha=alpha, softness=softness, c=c, mask=mask, signal=signal, noise_scale=noise_scale,
+                variance=variance, sq_scale=sq_scale, g2_scale=g2_scale, gate_open=gate_open,
+                want_stats=want_stats, num_threads=num_threads)
+
+
+def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, beta2: float, rho: float, bc1, bcr,
+            row_lens="tensor", signal: str = "ema", noise_scale: float = 1.0, variance: str = "ema",
+            sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, num_threads: int | None = None):
+    """Pass 1 of a row / whole-tensor gate: update s, m, v (zero sq) and sum mu2, sig2 per row.
+
+    row_lens: "tensor" (one row per tensor), "row" (rows of numel / shape[0] elements for tensors of
+    2 or more dims, the whole tensor otherwise), a list of one row length per tensor, or None (no
+    sums: just the moments, for an element gate applied by :func:`update`). Returns a float64
+    tensor of shape (total rows, 2) holding (sum mu2, sum sig2) per row, rows of consecutive
+    tensors back to back (None when row_lens is None). params is only read (its dtype and numel).
+    """
+    return _run(_PASS_MOMENTS, params, grads, exp_avgs, exp_avg_sqs, exp_vars, sq_sums=sq_sums, row_lens=row_lens,
+                beta1=beta1, beta2=beta2, rho=rho, bc1=bc1, bc2=1.0, bcr=bcr, signal=signal,
+                noise_scale=noise_scale, variance=variance, sq_scale=sq_scale, g2_scale=g2_scale,
+                num_threads=num_threads)
+
+
+def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: float, weight_decay: float,
+           bc1, bc2, bcr, q_rows: torch.Tensor | None = None, row_lens="tensor", alpha: float = 1.0,
+           softness: float = 1.0, c: float | None = None, mask: str = "snr", signal: str = "ema",
+           noise_scale: float = 1.0, anchors=None, gate_open: bool = False, want_stats: bool = False,
+           num_threads: int | None = None):
+    """Pass 2: the gated update from the moments :func:`moments` left (m, v, s are only read).
+
+    q_rows: fp32 tensor with one gate per row of row_lens (as :func:`moments` laid them out);
+    with q_rows=None (and row_lens=None) the gate is the element mask, with gate_open=True it is 1.
+    grads is read only for signal="step" (may be None otherwise). Returns the statistics when
+    want_stats (their mu2/sig2 terms are per element), else None.
+    """
+    if q_rows is None:
+        row_lens = None
+    return _run(_PASS_UPDATE, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors=anchors,
+                row_lens=None if gate_open else row_lens, q_rows=q_rows, lr=lr, eps=eps,
+                weight_decay=weight_decay, bc1=bc1, bc2=bc2, bcr=bcr, alpha=alpha, softness=softness, c=c,
+                mask=mask, signal=signal, noise_scale=noise_scale, gate_open=gate_open, want_stats=want_stats,
+                num_threads=num_threads)
+
+
+def gate(sums: torch.Tensor, *, mask: str = "snr", alpha: float = 1.0, softness: float = 1.0,
+         c: float | None = None) -> torch.Tensor:
+    """One gate per row from :func:`moments`' (rows, 2) sums, in float64, as a float32 tensor."""
+    _choice("mask", mask, _MASKS)
+    alpha, softness = min(float(alpha), _FP32_MAX), min(float(softness), _FP32_MAX)
+    c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
+    mu2, sig2 = sums[:, 0].double(), sums[:, 1].double()
+    if mask == "snr":
+        q = mu2 / (mu2 + c * sig2).clamp_min(_TINY)
+    elif mask == "soft":
+        e = (mu2 - alpha * sig2).clamp_min(0.0)
+        q = e / (e + softness * sig2).clamp_min(_TINY)
+    else:
+        q = (mu2 > alpha * sig2).double()
+    return q.float().contiguous()
