@@ -94,19 +94,25 @@ def kinks(kind, mu2, sig2, hp):
     if kind == "snr":
         return torch.zeros_like(mu2, dtype=torch.bool)
     a = hp["alpha"] * sig2
-    return (mu2 - a).abs() <= 1e-5 * torch.maximum(mu2, a)
+    top = torch.maximum(mu2, a)
+    return ((mu2 - a).abs() <= 1e-5 * top) & (top > 0)  # 0 = 0 (never seen) is no kink: q = 0 on both sides
 
 
 # -- data ----------------------------------------------------------------------------------------
-def make_group(shapes, pdtype=F32, sdtype=F32, seed=0, t=6, anchors=False, sq=False):
-    """Tensors in the middle of training: a mix of high- and low-SNR coordinates, some never seen."""
+def make_group(shapes, pdtype=F32, sdtype=F32, seed=0, t=6, anchors=False, sq=False, noise_scales=None):
+    """Tensors in the middle of training: a mix of high- and low-SNR coordinates, some never seen.
+
+    noise_scales: one noise multiplier per tensor (to spread whole-tensor / row SNRs).
+    """
     gen = torch.Generator().manual_seed(seed)
     out = dict(p=[], g=[], m=[], v=[], s=[], p0=[] if anchors else None, sq=[] if sq else None)
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         n = torch.Size(shape).numel()
         snr = torch.exp(torch.randn(shape, generator=gen) * 2)         # mean / noise, wide range
+        if len(shape) == 2:  # rows of different SNRs
+            snr = snr * torch.exp(torch.randn(shape[0], 1, generator=gen) * 2)
         mean = torch.randn(shape, generator=gen) * 1e-2
-        noise = mean.abs() / snr
+        noise = mean.abs() / snr * (noise_scales[i] if noise_scales else 1.0)
         m = mean + noise * torch.randn(shape, generator=gen) * 0.3
         v = mean.square() + noise.square() * (0.5 + torch.rand(shape, generator=gen))
         s = noise.square() * (0.5 + torch.rand(shape, generator=gen))
@@ -176,7 +182,7 @@ def run_reference(gr, hp, *, mask="snr", signal="ema", variance="ema", gate_open
             srows = sig2.reshape(rows.shape)
             sm, ss = rows.double().sum(1), srows.double().sum(1)
             qr = ref_gate(mask, sm, ss, hp)
-            k = kinks(mask, sm, ss, dict(hp, alpha=hp["alpha"]))
+            k = kinks(mask, sm, ss, hp)
             q = qr[:, None].expand(rows.shape).reshape(mu2.shape)
             kink.append(k[:, None].expand(rows.shape).reshape(mu2.shape))
         denom = ref_update(p, m_hat, gr["v"][i], q, gr["p0"][i] if gr["p0"] else None, hp, t)
@@ -221,7 +227,8 @@ def test_step_matches_reference(mask, signal, variance, decay, pdtype, sdtype):
                         signal=signal, variance=variance, sq_sums=gr["sq"], sq_scale=HP["sq_scale"],
                         g2_scale=HP["g2_scale"], anchors=gr["p0"], want_stats=True)
     compare(gr, ref, kink, st, rs)
-    # a mix of open and closed gates, and mostly exact agreement (not just within tolerance)
+    assert 0.1 < st[0] / st[1] < 0.9 and 0.1 < st[2] / st[1] < 0.9  # a mix of open and closed gates
+    # mostly exact agreement (not just within tolerance)
     if pdtype == F32:
         assert sum(torch.equal(a, b) for a, b in zip(gr["m"], ref["m"])) == len(SIZES)
 
@@ -270,8 +277,9 @@ SHAPES_2D = [(1, 1), (3, 5), (7, 129), (33, 64), (1023,)]
 @pytest.mark.parametrize("mask,signal", list(itertools.product(("snr", "soft", "hard"), ("ema", "step"))))
 @pytest.mark.parametrize("pdtype,sdtype", [(F32, F32), (BF16, BF16)], ids=lambda d: str(d).split(".")[-1])
 def test_two_pass_reduction(reduce, mask, signal, pdtype, sdtype):
-    hp = dict(HP, alpha=0.05)  # a tensor's sums: SNR ~ 1/numel, so gate near the open/closed line
-    gr = make_group(SHAPES_2D, pdtype, sdtype, seed=4, anchors=True)
+    hp = dict(HP, alpha=0.05)
+    # tensors and rows of SNRs spread across the gate's open/closed line
+    gr = make_group(SHAPES_2D, pdtype, sdtype, seed=4, anchors=True, noise_scales=[1e-3, 1e-2, 3e-2, 0.1, 0.3])
     ref = clone(gr)
     rs, kink = run_reference(ref, hp, mask=mask, signal=signal, reduce=reduce)
     khp = kernel_hp(hp, gr["t"])
@@ -291,6 +299,7 @@ def test_two_pass_reduction(reduce, mask, signal, pdtype, sdtype):
         torch.testing.assert_close(sums[start:start + r], exp, rtol=1e-12, atol=0.0)
         start += r
     q_rows = fused_cpu.gate(sums, mask=mask, alpha=hp["alpha"], softness=hp["softness"])
+    assert (q_rows > 0.5).any() and (q_rows < 0.5).any()
     st = fused_cpu.update(gr["p"], gr["g"] if signal == "step" else None, gr["m"], gr["v"], gr["s"], q_rows=q_rows,
                           row_lens=reduce, lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                           bc1=khp["bc1"], bc2=khp["bc2"], bcr=khp["bcr"], alpha=hp["alpha"], softness=hp["softness"],
