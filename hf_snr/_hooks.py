@@ -20,12 +20,9 @@ pays nothing measurable (``python -X importtime`` shows it).
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import os
 import sys
-import threading
-import warnings
 
 ENV_SWITCH = "HF_SNR_AUTOREGISTER"
 # module -> name of the hf_snr.registration function that registers the part touching it
@@ -35,7 +32,8 @@ WATCHED = {
     "transformers.trainer": "register_trainer",
 }
 
-_lock = threading.RLock()
+# Imports hold the import lock and registration is idempotent: no lock of our own (threading and
+# importlib.abc alone would cost several milliseconds at every interpreter start).
 _done: set[str] = set()
 
 
@@ -44,19 +42,20 @@ def autoregister_enabled() -> bool:
 
 
 def _fire(name: str, module) -> None:
-    with _lock:
-        if name in _done:
-            return
-        _done.add(name)
+    if name in _done:
+        return
+    _done.add(name)
     try:
         from . import registration
 
         getattr(registration, WATCHED[name])(module)
     except Exception as err:  # never break the user's import of transformers; say why the name is unavailable
+        import warnings
+
         warnings.warn(f"hf_snr: optim='snr_adamw' is not available: {err}", RuntimeWarning, stacklevel=3)
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     """Delegates to the real loader and calls hf_snr's registration once the module has executed."""
 
     def __init__(self, loader, name: str):
@@ -74,7 +73,7 @@ class _Loader(importlib.abc.Loader):
         return getattr(self._loader, attr)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def __init__(self):
         self._busy: set[str] = set()
 
@@ -98,10 +97,9 @@ _finder: _Finder | None = None
 def install() -> None:
     """Watch the three transformers modules (idempotent); register at once for those already imported."""
     global _finder
-    with _lock:
-        if _finder is None:
-            _finder = _Finder()
-            sys.meta_path.insert(0, _finder)
+    if _finder is None:
+        _finder = _Finder()
+        sys.meta_path.insert(0, _finder)
     for name in WATCHED:
         module = sys.modules.get(name)
         if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False) is False:
@@ -110,5 +108,4 @@ def install() -> None:
 
 def _reset_for_tests() -> None:
     """Forget which parts fired (tests re-run registration against patched internals)."""
-    with _lock:
-        _done.clear()
+    _done.clear()

@@ -28,7 +28,9 @@
 #endif
 
 #define SNR_ABI 1
-#define BLK 256
+#ifndef BLK
+#define BLK 256 /* elements per block: the scratch buffers stay in L1 */
+#endif
 #define LANES 8
 #define MIN_PER_PART 32768 /* elements; smaller groups use fewer threads */
 #define MAX_PARTS 256

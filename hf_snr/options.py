@@ -126,10 +126,11 @@ class Option:
     convert: Callable[[Any], Any] | None = None  # None: not settable through optim_args
     per_group: bool = True                        # lives in every parameter group (else: optimizer-wide)
     label: str = ""                               # the noun used in error messages (default: "<name> value")
+    shown: str = ""                               # how the default reads in docs (default: the value)
 
 
-def _opt(name, type_, default, accepted, check, help_, convert=None, per_group=True, label=""):
-    return Option(name, type_, default, accepted, check, help_, convert, per_group, label)
+def _opt(name, type_, default, accepted, check, help_, convert=None, per_group=True, label="", shown=""):
+    return Option(name, type_, default, accepted, check, help_, convert, per_group, label, shown)
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (
@@ -150,16 +151,16 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _opt("alpha", "float | 'auto'", 1.0, "a finite number >= 0, or 'auto'", _finite_ge0,
          "noise tolerance: 1 when every batch is a fresh draw; 'auto' (Trainer only) = 1 for one pass, b/(n-b) "
          "for several epochs over n examples with effective batch b", _to_alpha),
-    _opt("rho", "float", 0.99, "[0, 1)", _unit, "decay of the variance EMA (alias beta3)", _to_float),
+    _opt("rho", "float", 0.99, "[0, 1)", _unit, "decay of the variance EMA", _to_float),
     _opt("reduction", "str", "element", f"one of {', '.join(REDUCTIONS)}", _one_of(REDUCTIONS),
          "one gate per scalar (element) or per parameter tensor from sums (tensor)", _to_str, label="reduction"),
     _opt("warmup_steps", "int", DEFAULT_WARMUP_STEPS, "an integer >= 0",
          lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
-         "first steps with the gate open (plain AdamW) while the moments warm up (alias warmup)", _to_int),
+         "first steps with the gate open (plain AdamW) while the moments warm up", _to_int),
     _opt("snr", "bool", True, "True or False", lambda x: isinstance(x, bool),
          "False makes a parameter group plain AdamW (set per group; exclude= does it by name)", label="snr value"),
     _opt("foreach", "bool | None", None, "true, false or auto", lambda x: x in (None, True, False),
-         "multi-tensor (torch._foreach_*) path; default automatic", _to_auto_bool),
+         "multi-tensor (torch._foreach_*) path; auto picks it where supported", _to_auto_bool, shown="auto"),
     _opt("nonfinite", "str", "skip", f"one of {', '.join(NONFINITE_POLICIES)}", _one_of(NONFINITE_POLICIES),
          "what a nan/inf gradient does: skip the whole step (counted, warned), raise, or propagate as AdamW",
          _to_str, per_group=False),
@@ -167,7 +168,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _opt("exclude", "regex", None, "a regular expression (no commas; use | for alternatives)",
          lambda x: x is None or isinstance(x, str),
          "parameters whose name matches (re.search) get plain AdamW (gate always open)", _to_regex,
-         per_group=False),
+         per_group=False, shown="none"),
 )}
 
 ALIASES = {"warmup": "warmup_steps", "beta3": "rho"}
@@ -216,7 +217,7 @@ def accepted_options() -> str:
 
 def options_help() -> str:
     """The optim_args keys with type, default and accepted values: what --help prints."""
-    rows = [f"{k}: {o.type}, default {_show(o.default)}, accepted {o.accepted}. {o.help}."
+    rows = [f"{k}: {o.type}, default {_show(o)}, accepted {o.accepted}. {o.help}."
             for k, o in ((k, OPTIONS[k]) for k in OPTIM_ARGS_KEYS)]
     return (f"SNR options for optim='{SNR_OPTIM_NAME}', as key=value pairs separated by commas "
             f"(e.g. 'mask=soft,softness=3'): " + " | ".join(rows))
@@ -229,15 +230,15 @@ def options_markdown() -> str:
     for k in OPTIM_ARGS_KEYS:
         o = OPTIONS[k]
         key = f"`{k}`" + (f" (alias `{alias[k]}`)" if k in alias else "")
-        lines.append(f"| {key} | {o.type} | {_show(o.default)} | {o.accepted.replace('|', chr(92) + '|')} | "
+        lines.append(f"| {key} | {o.type.replace('|', 'or')} | {_show(o)} | {o.accepted.replace('|', chr(92) + '|')} | "
                      f"{o.help.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        return "auto / none"
-    return value if isinstance(value, str) else repr(value)
+def _show(opt: Option) -> str:
+    if opt.shown:
+        return opt.shown
+    return opt.default if isinstance(opt.default, str) else repr(opt.default)
 
 
 @dataclass
