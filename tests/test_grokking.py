@@ -48,13 +48,13 @@ def _check_results(res, out_dir, optim):
     assert rows and all({"step", "train_loss", "train_acc", "heldout_loss", "heldout_acc", "wall_s"} <= set(r)
                         for r in rows)
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
-    for th in on_disk["thresholds"].values():
+    assert [k.split("_")[0] for k in on_disk["thresholds"]] == ["train", "heldout"]
+    for name, th in on_disk["thresholds"].items():
         assert th["reached"] == (th["step"] is not None)
         if th["reached"]:  # the first eval at or above the threshold
-            key = "train_acc" if th["threshold"] == 0.99 else "heldout_acc"
+            key = name.split("_")[0] + "_acc"
             first = next(r["step"] for r in rows if r[key] >= th["threshold"])
             assert th["step"] == first
-    assert set(on_disk["thresholds"]) == {"train_99", "heldout_95"}
     assert "train_loss" in on_disk["risk_tracking"]
     for metrics in on_disk["risk_tracking"].values():
         assert set(metrics) >= {"spearman_heldout_loss", "spearman_gap", "spearman_delta", "rel_error_heldout",
@@ -89,6 +89,7 @@ def test_smoke_main_adamw_reaches_train_threshold(grokking, tmp_path):
                                 "true"])
     res = grokking.main(args)
     on_disk = _check_results(res, tmp_path, "adamw")
+    assert set(on_disk["thresholds"]) == {"train_99", "heldout_95"}
     assert on_disk["thresholds"]["train_99"]["reached"]  # the smoke task is fitted within 200 steps
     assert on_disk["data"] == {"pairs": 23 * 22, "train": 253, "heldout": 253, "data_seed": 0, "batch_size": 64,
                                "vocab": 25}
