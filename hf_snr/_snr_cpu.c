@@ -41,7 +41,7 @@
 
 enum { PASS_FULL = 0, PASS_MOMENTS = 1, PASS_UPDATE = 2 };
 enum { MASK_SNR = 0, MASK_SOFT = 1, MASK_HARD = 2 };
-enum { P_P = 0, P_G, P_M, P_V, P_S, P_P0, P_SQ, P_COUNT };
+enum { P_P = 0, P_M, P_V, P_S, P_P0, P_SQ, P_G, P_COUNT }; /* the order of the pointer arrays */
 
 typedef struct {
     /* fp32 scalars: the caller rounds the Python doubles to fp32 as torch rounds a Python scalar */

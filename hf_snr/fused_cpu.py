@@ -262,9 +262,13 @@ def _row_lens(row_lens, params, numels):
 
 
 def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs):
-    """Validate the per-group tensors once per distinct set of (pointers, numels); cheap afterwards."""
+    """Validate the per-group tensors once per distinct (pointers, numels, rows); cheap afterwards.
+
+    The gradients change every step and are checked on every call (:func:`_check_grads`).
+    """
     numels = list(map(_numel, params))
-    key = (ptrs, tuple(numels), row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens))
+    key = (ptrs, array("q", numels).tobytes(),
+           row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens))
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -297,7 +301,7 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
     return plan
 
 
-def _grad_ptrs(grads, plan, n):
+def _check_grads(grads, plan, n):
     if grads is None or len(grads) != n:
         raise ValueError(f"fused_cpu: grads must be a list of {n} tensors")
     try:
@@ -308,7 +312,6 @@ def _grad_ptrs(grads, plan, n):
     if not ok:  # say which one is wrong
         _check_list("grads", grads, n, (plan.pdtype,), plan.numels)
         raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
-    return list(map(_ptr, grads))
 
 
 def _bc_array(bc1, bc2, bcr, n):
@@ -337,35 +340,38 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     if lib is None:
         raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
     n = len(params)
+    use_p0 = anchors is not None and pass_ != _PASS_MOMENTS
+    use_sq = sq_sums is not None and pass_ != _PASS_UPDATE
+    # The pointer arrays, in the kernel's order p, m, v, s, p0, sq (0: absent), g; all but g also
+    # key the cache of validated groups.
     try:
-        pp = list(map(_ptr, params))
-        mp = list(map(_ptr, exp_avgs))
-        vp = list(map(_ptr, exp_avg_sqs))
-        sp = list(map(_ptr, exp_vars))
-        p0p = list(map(_ptr, anchors)) if anchors is not None and pass_ != _PASS_MOMENTS else None
-        sqp = list(map(_ptr, sq_sums)) if sq_sums is not None and pass_ != _PASS_UPDATE else None
-        ok = len(mp) == len(vp) == len(sp) == n and all(x is None or len(x) == n for x in (p0p, sqp))
-    except TypeError:  # a non-tensor somewhere
-        ok = False
-    if not ok:  # the full check names the culprit
+        ptrs = array("Q", map(_ptr, params))
+        for ts, use in ((exp_avgs, True), (exp_avg_sqs, True), (exp_vars, True), (anchors, use_p0),
+                        (sq_sums, use_sq)):
+            if use:
+                if len(ts) != n:
+                    raise TypeError
+                ptrs.extend(map(_ptr, ts))
+            else:
+                ptrs.frombytes(bytes(8 * n))
+    except TypeError:  # a non-tensor or a list of another length somewhere: the full check names it
         for name, ts in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                          ("exp_vars", exp_vars), ("anchors", anchors), ("sq_sums", sq_sums)):
             if ts is not None:
                 _check_list(name, ts, n, (_F32, _BF16), None)
-        raise ValueError("fused_cpu: the tensor lists must be lists of tensors of one length")
+        raise ValueError("fused_cpu: the tensor lists must be lists of tensors") from None
     variance_k = _choice("variance", variance, _VARIANCES)
     signal_k = _choice("signal", signal, _SIGNALS)
     mask_k = _choice("mask", mask, _MASKS)
     if pass_ != _PASS_UPDATE and variance_k == 1 and sq_sums is None:
         raise ValueError("fused_cpu: variance='microbatch' needs sq_sums")
-    key_ptrs = (tuple(pp), tuple(mp), tuple(vp), tuple(sp), p0p and tuple(p0p), sqp and tuple(sqp))
-    plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if p0p is not None else None,
-                 sq_sums if sqp is not None else None, row_lens, key_ptrs)
-    need_g = pass_ != _PASS_UPDATE or signal_k == 1
-    gp = _grad_ptrs(grads, plan, n) if need_g else [0] * n
-    zeros = [0] * n
-    ptrs = array("Q", pp + gp + mp + vp + sp + (p0p if p0p is not None else zeros)
-                 + (sqp if sqp is not None else zeros))
+    plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
+                 sq_sums if use_sq else None, row_lens, ptrs.tobytes())
+    if pass_ != _PASS_UPDATE or signal_k == 1:
+        _check_grads(grads, plan, n)
+        ptrs.extend(map(_ptr, grads))
+    else:
+        ptrs.frombytes(bytes(8 * n))
     bc, bc_stride = _bc_array(bc1, bc2, bcr, n)
 
     a = _Args()

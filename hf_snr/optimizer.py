@@ -1,15 +1,44 @@
 """SNRAdamW: AdamW with a per-coordinate signal-to-noise gate ("population-risk training").
 
-The math (see ALGORITHM.md in the project's shared notes, Litman & Guo 2026, arXiv 2605.01172):
+The math (see ALGORITHM.md in the project's shared notes, Litman & Guo 2026, arXiv 2605.01172),
+with the defaults (the options that change a line are named on its right):
 
-    p <- p * (1 - lr * weight_decay)                 decoupled decay, never masked
+    p <- p * (1 - lr * weight_decay)                 decoupled decay, never masked     decay_to="init"
     d  = g - m                                       m: the previous, uncorrected first moment
-    s <- rho * s + (1 - rho) * d^2                   variance EMA: the one extra state tensor
+    s <- rho * s + (1 - rho) * d^2                   variance EMA: the one extra state  variance="microbatch"
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g^2
-    mu^2 = (m / (1 - beta1^t))^2 ; sigma^2 = s / (1 - rho^t)
-    q = mask(mu^2, sigma^2) in [0, 1]
+    mu^2 = (m / (1 - beta1^t))^2                                                        signal="step"
+    sigma^2 = s / (1 - rho^t)                                                           noise="ema"
+    q = mask(mu^2, sigma^2) in [0, 1]                per element                        reduction="row"/"tensor"
     p <- p - lr * q * m_hat / (sqrt(v_hat) + eps)
+
+Why the options (derivations; the README's "gate estimators" section says the same):
+
+* Under pure noise (zero-mean gradients of variance V per step) the bias-corrected EMA has
+  E[m_hat^2] = c_t V with c_t = (1 - b1)(1 + b1^t) / ((1 + b1)(1 - b1^t)) (1 at t = 1, then
+  (1 - b1)/(1 + b1) = 0.053 at b1 = 0.9), while s tends to V (1 + c): the default gate compares the
+  EMA's signal with the noise of *one* step, so a coordinate passes only when its single-step SNR
+  exceeds 1 and ``mask="snr"`` averages E[c Z^2 / (c Z^2 + 1 + c)] = 0.044 on noise.
+  ``noise="ema"`` multiplies sigma^2 by c_t: the leave-one-out-consistent test for a step along
+  m_hat (pure noise then gives E[Z^2 / (Z^2 + 1 + c)] = 0.34).
+* ``signal="step"`` tests this step's gradient against one step's variance, mu^2 = g^2 (pure noise:
+  E[Z^2 / (Z^2 + 1 + c)] = 0.34 too); the update still moves along m_hat.
+* ``variance="microbatch"``: with the step's gradient the mean of K micro-batch gradients g_i
+  (K = gradient-accumulation steps x data-parallel ranks), (sum g_i^2 - K g^2) / (K (K - 1)) is an
+  unbiased estimate of the variance of that mean, free of the EMA's lag behind a drifting mean. It
+  replaces (g - m)^2 in s (smoothed with rho). Hooks on the parameters keep a running sum of the
+  squared micro-batch contributions (one more fp32 buffer per parameter; under DDP one extra
+  parameter-sized all-reduce per step); the pure-noise gate then averages E[c Z^2 / (c Z^2 + 1)].
+* ``reduction="row"``: one gate per output row (a linear layer's output channel, an embedding
+  row) from sums over the row; ``"tensor"``: one per tensor. Single coordinates of minibatch LLM
+  gradients carry almost no visible signal; sums over many do.
+* ``decay_to="init"``: the ungated decoupled decay pulls toward the parameters' first-step values
+  p0 (p <- p - lr wd (p - p0)), the fine-tuning analogue of weight decay toward zero.
+
+This module imports only torch. It holds two implementations of the same math, as torch.optim
+does: ``_single_tensor`` (a plain per-tensor loop that reads like the equations and serves as the
+test oracle) and ``_multi_tensor`` (``torch._foreach_*`` kernels), chosen by ``foreach``.
 
 This module imports only torch. It holds two implementations of the same math, as torch.optim
 does: ``_single_tensor_*`` (a plain per-tensor loop that reads like the equations and serves as
@@ -18,6 +47,7 @@ the test oracle) and ``_multi_tensor_*`` (``torch._foreach_*`` kernels), chosen 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Callable, Iterable
@@ -34,6 +64,8 @@ except Exception:  # pragma: no cover
 
 from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, REDUCTIONS,
                       validate_hparams, validate_value)
+
+logger = logging.getLogger("hf_snr")
 
 __all__ = ["SNRAdamW", "MASKS", "REDUCTIONS", "NONFINITE_POLICIES", "DEFAULT_WARMUP_STEPS"]
 
@@ -96,11 +128,25 @@ class SNRAdamW(Optimizer):
         softness (float): scales the noise term, >= 0. Usual tuning grid: 0.3, 1, 3, 10.
         alpha (float): how much noise a step may carry, >= 0. 1 when each batch is a fresh draw (one
             epoch, streaming); b / (n - b) for many epochs over n examples with effective batch b.
-            0 opens every gate (plain AdamW).
-        reduction (str): ``"element"`` (default) one gate per scalar; ``"tensor"`` one gate per
-            parameter tensor from sum(mu^2) vs alpha * sum(sigma^2). Under FSDP2 the sums cover the
-            whole tensor (one batched all-reduce per step). Refused on flat partitions that mix
-            tensors (DeepSpeed ZeRO).
+            0 opens every gate of ``mask="snr"`` and ``"hard"`` (plain AdamW); ``"soft"`` then
+            still gives q = mu^2 / (mu^2 + softness * sigma^2) (its softness term is not scaled by
+            alpha), so set ``softness=0`` too, or ``snr=False``, for plain AdamW.
+        reduction (str): ``"element"`` (default) one gate per scalar; ``"row"`` one gate per output
+            row (sums over every dimension but the first; 1-D tensors get one gate), local to each
+            FSDP2 shard (Shard(0)); ``"tensor"`` one gate per parameter tensor from sum(mu^2) vs
+            alpha * sum(sigma^2), under FSDP2 with one batched all-reduce per step. Both are
+            refused on flat partitions that mix tensors (DeepSpeed ZeRO).
+        noise (str): ``"step"`` (default, as specified) or ``"ema"`` (sigma^2 scaled by c_t to the
+            variance of m_hat); see the module docstring.
+        signal (str): ``"ema"`` (default: mu^2 = m_hat^2) or ``"step"`` (mu^2 = g^2).
+        variance (str): ``"ema"`` (default: s is an EMA of (g - m)^2) or ``"microbatch"`` (s is an
+            EMA of the unbiased variance of this step's mean gradient from its micro-batch
+            gradients; needs k >= 2 micro-batches per step counted over accumulation and
+            data-parallel ranks; hooks on the parameters see them, so not under FSDP2 or DeepSpeed).
+        decay_to (str): ``"zero"`` (default, AdamW) or ``"init"`` (decay toward the first-step
+            values, kept as one more fp32 state tensor per decayed parameter unless
+            :meth:`set_decay_anchors` points it at tensors that already hold them, such as a
+            reference model's weights).
         warmup_steps (int): the gate stays open (q = 1) for this many first steps, while the
             moments warm up. Default 10 (= 1 / (1 - beta1) at beta1 = 0.9).
         snr (bool): False makes a group plain AdamW.
@@ -114,6 +160,10 @@ class SNRAdamW(Optimizer):
         process_group: the process group whose ranks hold *disjoint* shards of the parameters
             (DeepSpeed ZeRO's data-parallel group). Statistics are summed over it. Leave None under
             DDP (replicas: nothing to sum) and under FSDP2 (the shard group is read from DTensors).
+
+    Loading a ``torch.optim.AdamW`` state dict (switching optimizers on resume) carries ``exp_avg``,
+    ``exp_avg_sq`` and ``step`` over and starts ``exp_var`` fresh, with the gate open for its
+    ``warmup_steps`` (a log line says so). Complex parameters are refused at construction.
 
     Statistics: call :meth:`request_stats` before a step; after it :attr:`last_stats` holds
     ``mask_mean``, ``active_fraction``, ``signal``, ``noise``, ``population_gain`` and
@@ -140,6 +190,10 @@ class SNRAdamW(Optimizer):
         snr: bool = D["snr"],
         foreach: bool | None = D["foreach"],
         *,
+        noise: str = D["noise"],
+        signal: str = D["signal"],
+        variance: str = D["variance"],
+        decay_to: str = D["decay_to"],
         nonfinite: str = D["nonfinite"],
         process_group: Any = None,
     ):
@@ -147,12 +201,16 @@ class SNRAdamW(Optimizer):
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, rho=rho, mask=mask, softness=softness, alpha=alpha,
             reduction=reduction, warmup_steps=warmup_steps, snr=snr, foreach=foreach,
+            noise=noise, signal=signal, variance=variance, decay_to=decay_to,
         )
         assert defaults.keys() == GROUP_DEFAULTS.keys()
         validate_hparams(defaults)
         validate_value("nonfinite", nonfinite)
         self.nonfinite = nonfinite
         self.process_group = process_group
+        # variance="microbatch": the data-parallel group whose ranks' micro-batch gradients are pooled
+        # ("auto": the default group when torch.distributed runs and the parameters are not sharded)
+        self.microbatch_group: Any = "auto"
         self._stats_requested = False
         # Statistics of one logical step may come from several step() calls (DeepSpeed ZeRO steps one
         # parameter group per call): their partial sums collect in _pending until last_stats is read.
@@ -160,6 +218,11 @@ class SNRAdamW(Optimizer):
         self._pending: torch.Tensor | None = None
         self._last_stats: dict[str, float] = {}
         self.snr_state = {"steps": 0, "skipped_steps": 0, "cumulative_noise": 0.0, "last_stats_step": 0}
+        self._anchors: dict[torch.Tensor, torch.Tensor] = {}       # decay_to="init": p -> tensor holding p0
+        self._mb_sq: dict[torch.Tensor, torch.Tensor] = {}         # variance="microbatch": p -> sum of squares
+        self._mb_count: dict[torch.Tensor, int] = {}               # ... and the number of contributions seen
+        self._mb_hooks: dict[torch.Tensor, Any] = {}
+        self.last_microbatch_count: int | None = None              # K of the latest micro-batch step
         super().__init__(params, defaults)
 
     # -- parameter groups ---------------------------------------------------------------------
@@ -168,17 +231,112 @@ class SNRAdamW(Optimizer):
             param_group.setdefault(key, value)
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
-        validate_hparams(param_group, where=f"parameter group {len(self.param_groups)}")
+        where = f"parameter group {len(self.param_groups)}"
+        validate_hparams(param_group, where=where)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and torch.is_complex(p):
+                raise ValueError(
+                    f"SNRAdamW does not support complex parameters (got a {p.dtype} tensor of shape "
+                    f"{tuple(p.shape)} in {where}): the gate compares squared real gradients. Optimize "
+                    "torch.view_as_real(p) as a real parameter instead."
+                )
         super().add_param_group(param_group)
-        # Remember the shapes the group was built with: reduction="tensor" checks at step time that
-        # it still sees those whole tensors (DeepSpeed ZeRO swaps in flat partitions).
+        # Remember the shapes the group was built with: reduction="tensor"/"row" check at step time that
+        # they still see those whole tensors (DeepSpeed ZeRO swaps in flat partitions).
         param_group["_numels"] = [p.numel() for p in param_group["params"]]
+        if param_group["variance"] == "microbatch":
+            for p in param_group["params"]:
+                self._watch_microbatches(p)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    # -- decay anchors and micro-batch gradients ------------------------------------------------
+    def set_decay_anchors(self, anchors: dict[torch.Tensor, torch.Tensor]) -> None:
+        """For ``decay_to="init"``: decay each parameter toward the given tensor instead of a copy of its
+        first-step value (no extra memory). The tensor must have the parameter's (local) shape and must not
+        change during training; a reference model's weights are the natural anchor for fine-tuning. Anchors
+        are not saved in ``state_dict`` (set them again before resuming)."""
+        known = {p for g in self.param_groups for p in g["params"]}
+        for p, anchor in anchors.items():
+            if p not in known:
+                raise ValueError("set_decay_anchors: a tensor that is not a parameter of this optimizer")
+            if _local(anchor).shape != _local(p).shape:
+                raise ValueError(f"set_decay_anchors: anchor shape {tuple(_local(anchor).shape)} != parameter "
+                                 f"shape {tuple(_local(p).shape)}")
+            self._anchors[p] = anchor.detach()
+            self.state[p].pop("param_init", None)
+
+    def _watch_microbatches(self, p: torch.Tensor) -> None:
+        if p in self._mb_hooks or not p.requires_grad:
+            return
+
+        def hook(grad: torch.Tensor) -> None:
+            g = _local(grad).detach().float()
+            sq = self._mb_sq.get(p)
+            if sq is None or sq.shape != g.shape or sq.device != g.device:
+                sq = self._mb_sq[p] = torch.zeros_like(g)
+                self._mb_count[p] = 0
+            sq.addcmul_(g, g)
+            self._mb_count[p] += 1
+
+        self._mb_hooks[p] = p.register_hook(hook)
+
+    def _microbatch_group(self):
+        group = self.microbatch_group
+        if group != "auto":
+            return group
+        import torch.distributed as dist
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+                and not any(_shard_group(p) is not None for p in params):
+            logger.warning("hf_snr: variance='microbatch' pools the micro-batch gradients of all %d ranks of the "
+                           "default process group (data-parallel replicas, as DDP); set "
+                           "optimizer.microbatch_group to change it", dist.get_world_size())
+            self.microbatch_group = dist.group.WORLD
+        else:
+            self.microbatch_group = None
+        return self.microbatch_group
+
+    def _microbatch_scales(self, tensors) -> tuple[float, float]:
+        """(a, b) with est = a * sum(sq) - b * g^2, after pooling the squares over data-parallel ranks."""
+        params = tensors["params"]
+        local_k = max((self._mb_count.get(p, 0) for p in params), default=0)
+        group = self._microbatch_group()
+        sqs = [self._mb_sq[p] for p in params if self._mb_count.get(p, 0) > 0]
+        world = 1
+        if group is not None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size(group)
+            flat = torch.cat([x.reshape(-1) for x in sqs] + [torch.tensor([float(local_k)], device=sqs[0].device
+                                                                            if sqs else "cpu")])
+            flat = _all_reduce(flat, group)
+            if int(round(flat[-1].item())) != local_k * world:
+                raise RuntimeError(f"variance='microbatch': ranks saw different numbers of micro-batches "
+                                   f"({flat[-1].item():g} in all, {local_k} here, {world} ranks)")
+            offset = 0
+            for x in sqs:
+                x.copy_(flat[offset:offset + x.numel()].view_as(x))
+                offset += x.numel()
+        K = local_k * world
+        if K < 2:
+            raise RuntimeError(
+                f"variance='microbatch' needs k >= 2 micro-batch gradients per optimizer step, got {K} "
+                f"({local_k} backward pass(es) x {world} rank(s)). Use gradient accumulation "
+                "(gradient_accumulation_steps >= 2) or several data-parallel processes. If you do, the hooks on "
+                "the parameters never saw the micro-batches: FSDP2 and DeepSpeed hide them (not supported there)."
+            )
+        self.last_microbatch_count = K
+        # hook values are the micro-batch gradients divided by k (the loss of each micro-batch is divided
+        # by the accumulation count): sum_i g_i^2 = k^2 * sum(sq); est = (sum g_i^2 - K g^2) / (K (K - 1))
+        return local_k * local_k / (K * (K - 1)), 1.0 / (K - 1)
 
     # -- statistics ---------------------------------------------------------------------------
     def request_stats(self) -> None:
@@ -226,55 +384,101 @@ class SNRAdamW(Optimizer):
         sd["snr_state"] = dict(self.snr_state)
         return sd
 
+    _ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         snr_state = state_dict.pop("snr_state", None)
-        saved_groups = state_dict["param_groups"]
+        saved_groups = [dict(g) for g in state_dict["param_groups"]]
         saved_state = state_dict["state"]
+        foreign = [i for i, g in enumerate(saved_groups) if "rho" not in g]  # e.g. torch.optim.AdamW's groups
+        for i in foreign:
+            if saved_groups[i].get("amsgrad") or saved_groups[i].get("maximize"):
+                raise ValueError("SNRAdamW cannot continue an AdamW state saved with amsgrad=True or maximize=True")
+            for key in self._ADAMW_ONLY_KEYS + ("foreach",):
+                saved_groups[i].pop(key, None)
+            if i < len(self.param_groups):  # keep this optimizer's SNR settings (the user switched optimizers)
+                for key in GROUP_DEFAULTS:
+                    saved_groups[i].setdefault(key, self.param_groups[i][key])
+        state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype on load; ours is fp32 by design, so
         # put back the saved fp32 tensors for bf16/fp16 parameters (the cast would round them).
+        fresh = 0
         for saved_group, group in zip(saved_groups, self.param_groups):
             group["_numels"] = [p.numel() for p in group["params"]]
             for idx, p in zip(saved_group["params"], group["params"]):
-                if idx not in saved_state or p.dtype == torch.float32:
+                if idx not in saved_state:
                     continue
-                for key, value in saved_state[idx].items():
-                    if key != "step" and isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                if p.dtype != torch.float32:
+                    for key, value in saved_state[idx].items():
+                        if key != "step" and isinstance(value, torch.Tensor):
+                            self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                state = self.state[p]
+                state.pop("max_exp_avg_sq", None)
+                if "exp_avg" in state and "exp_var" not in state:
+                    # an AdamW state: keep m, v and step; the variance starts now, its gate warms up again
+                    state["exp_var"] = torch.zeros_like(state["exp_avg"], dtype=torch.float32)
+                    state["exp_var_start"] = state["step"].detach().clone().float().cpu()
+                    fresh += 1
+        if fresh:
+            logger.warning(
+                "hf_snr: SNRAdamW loaded an optimizer state without exp_var (an AdamW checkpoint?) for %d parameter "
+                "tensors: exp_avg, exp_avg_sq and step carried over; exp_var starts at zero and the gate stays open "
+                "for its first warmup_steps steps from here.", fresh)
         if snr_state is not None:
             self.snr_state = dict(snr_state)
 
     # -- the step -----------------------------------------------------------------------------
-    def _init_group(self, group: dict[str, Any]):
+    def _init_group(self, group: dict[str, Any]) -> dict[str, list]:
         """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params)."""
-        params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps = [], [], [], [], [], []
-        if group["reduction"] == "tensor" and [p.numel() for p in group["params"]] != group.get("_numels"):
+        t: dict[str, list] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars", "steps",
+                                               "var_starts", "anchors", "mb_sqs")}
+        if group["reduction"] in ("tensor", "row") and [p.numel() for p in group["params"]] != group.get("_numels"):
             raise ValueError(
-                "reduction='tensor' needs whole parameter tensors, but this optimizer is being stepped "
+                f"reduction={group['reduction']!r} needs whole parameter tensors, but this optimizer is being stepped "
                 f"on different tensors (numels {[p.numel() for p in group['params']][:4]} instead of "
                 f"{group['_numels'][:4]}): flat partitions that mix tensors, as DeepSpeed ZeRO makes. "
-                "Use reduction='element' (exact under ZeRO) or FSDP2/DDP for reduction='tensor'."
+                f"Use reduction='element' (exact under ZeRO) or FSDP2/DDP for reduction={group['reduction']!r}."
             )
+        anchored = group["decay_to"] == "init" and group["weight_decay"] != 0.0
+        microbatch = group["variance"] == "microbatch"
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(_SPARSE_MSG)
             state = self.state[p]
-            if len(state) == 0:
+            if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 fp32 = dict(dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg"] = torch.zeros_like(p, **fp32)
                 state["exp_avg_sq"] = torch.zeros_like(p, **fp32)
                 state["exp_var"] = torch.zeros_like(p, **fp32)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            exp_vars.append(state["exp_var"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps
+            anchor = None
+            if anchored:
+                anchor = self._anchors.get(p)
+                if anchor is None:
+                    if "param_init" not in state:  # p0: the value at the first step this tensor takes
+                        state["param_init"] = p.detach().to(torch.float32, copy=True)
+                    anchor = state["param_init"]
+            sq = None
+            if microbatch:
+                sq = self._mb_sq.get(p)
+                if sq is None:  # no micro-batch seen: its gradient contributions are all zero
+                    sq = self._mb_sq[p] = torch.zeros_like(_local(p), dtype=torch.float32)
+                    self._mb_count[p] = 0
+            t["params"].append(p)
+            t["grads"].append(p.grad)
+            t["exp_avgs"].append(state["exp_avg"])
+            t["exp_avg_sqs"].append(state["exp_avg_sq"])
+            t["exp_vars"].append(state["exp_var"])
+            t["steps"].append(state["step"])
+            start = state.get("exp_var_start")
+            t["var_starts"].append(0.0 if start is None else float(start))
+            t["anchors"].append(anchor)
+            t["mb_sqs"].append(sq)
+        return t
 
     def _all_finite(self) -> bool:
         grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -300,6 +504,12 @@ class SNRAdamW(Optimizer):
             flag = _all_reduce(flag, group, op="max")
         return flag.item() == 0
 
+    def _reset_microbatches(self) -> None:
+        for p, sq in self._mb_sq.items():
+            if self._mb_count.get(p):
+                sq.zero_()
+                self._mb_count[p] = 0
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -320,6 +530,7 @@ class SNRAdamW(Optimizer):
                     "nothing was updated (nonfinite='raise')"
                 )
             self.snr_state["skipped_steps"] += 1
+            self._reset_microbatches()  # the skipped step's micro-batches do not count toward the next
             warnings.warn(
                 f"SNRAdamW skipped step {self.snr_state['steps'] + 1}: non-finite gradient "
                 f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')",
@@ -328,30 +539,34 @@ class SNRAdamW(Optimizer):
             )
             return loss  # a pending stats request carries over to the next step that happens
 
-        # Phase 1: moments of every group (and, for reduction="tensor", the local sums).
+        # Phase 1: moments of every group (and, for reduction="tensor"/"row", the local sums).
         work = []
         for group in self.param_groups:
             tensors = self._init_group(group)
-            if not tensors[0]:
+            if not tensors["params"]:
                 continue
             foreach = group["foreach"]
             if foreach is None:
-                foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors[0])
+                foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors["params"])
             impl = _multi_tensor if foreach else _single_tensor
-            ctx = impl.moments(group, *tensors)
+            mb = self._microbatch_scales(tensors) if group["variance"] == "microbatch" else None
+            ctx = impl.moments(group, tensors, mb)
             work.append((group, impl, tensors, ctx))
 
         # The logical step this call belongs to: the step count its tensors just reached.
-        step_now = max((int(t.item()) for w in work for t in w[2][5]), default=self.snr_state["steps"])
+        step_now = max((int(t.item()) for w in work for t in w[2]["steps"]), default=self.snr_state["steps"])
         if self._stats_requested:
             self._stats_requested = False
             self.last_stats  # finalize an older pending step first
             self._stats_step, self._pending = step_now, None
         want_stats = self._stats_step == step_now and self._stats_step is not None
 
-        # One batched all-reduce of the per-tensor sums of every sharded tensor-reduction group.
-        sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work) if ctx.get("sums") is not None
-                   for j, p in enumerate(tensors[0]) if _shard_group(p) is not None or self.process_group is not None]
+        # One batched all-reduce of the per-tensor sums of every sharded tensor-reduction group (row sums are
+        # local: FSDP2 shards whole rows).
+        sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work)
+                   if ctx.get("sums") is not None and group["reduction"] == "tensor"
+                   for j, p in enumerate(tensors["params"])
+                   if _shard_group(p) is not None or self.process_group is not None]
         if sharded:
             flat = torch.stack([work[i][3]["sums"][j] for i, j in sharded])  # (n, 2)
             flat = _all_reduce(flat, self._stats_group())
@@ -362,7 +577,7 @@ class SNRAdamW(Optimizer):
         if want_stats and self._pending is None:
             self._pending = torch.zeros(len(_STAT_KEYS))
         for group, impl, tensors, ctx in work:
-            part = impl.update(group, *tensors, ctx, want_stats)
+            part = impl.update(group, tensors, ctx, want_stats)
             if part is not None:
                 self._pending = self._pending.to(part.device) + part
 
@@ -403,10 +618,6 @@ def _all_reduce(tensor: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
     return out.to(tensor.device)
 
 
-def _bias_corrections(step: float, beta1: float, beta2: float, rho: float):
-    return 1.0 - beta1**step, 1.0 - beta2**step, 1.0 - rho**step
-
-
 def _gate_knobs(group) -> tuple[float, float, float]:
     """alpha, softness and c = softness * alpha, each clamped to the largest finite fp32 value.
 
@@ -419,55 +630,95 @@ def _gate_knobs(group) -> tuple[float, float, float]:
     return alpha, softness, min(group["softness"] * group["alpha"], _FP32_MAX)
 
 
+def ema_noise_scale(t: float, beta1: float) -> float:
+    """c_t: Var(m_hat) / Var(g) for a stationary gradient after t steps of the bias-corrected EMA."""
+    if beta1 == 0.0:
+        return 1.0
+    return (1 - beta1) * (1 + beta1**t) / ((1 + beta1) * (1 - beta1**t))
+
+
+def _scalars(group, t: float, var_start: float) -> dict[str, Any]:
+    """Per-tensor scalars of one step: bias corrections, the noise scale, whether the gate is open."""
+    beta1, beta2 = group["betas"]
+    var_t = t - var_start  # steps of the variance EMA (fewer than t after a warm start from AdamW)
+    return dict(
+        bc1=1 - beta1**t, bc2=1 - beta2**t, bcr=1 - group["rho"] ** var_t,
+        noise_scale=ema_noise_scale(t, beta1) if group["noise"] == "ema" else 1.0,
+        open=(not group["snr"]) or var_t <= group["warmup_steps"],
+    )
+
+
+def _row_view(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """x as (rows, -1) for a per-row sum (1-D and 0-D tensors: one row)."""
+    if reduction == "row" and x.dim() >= 2:
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(1, -1)
+
+
+def _q_shape(x: torch.Tensor, reduction: str) -> tuple[int, ...]:
+    if reduction == "row" and x.dim() >= 2:
+        return (x.shape[0],) + (1,) * (x.dim() - 1)
+    return ()
+
+
 class _single_tensor:
     """The oracle: one parameter at a time, in the order of the equations."""
 
     @staticmethod
-    def moments(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps):
+    def moments(group, t, mb):
         beta1, beta2 = group["betas"]
         rho = group["rho"]
-        tensor_mode = group["reduction"] == "tensor" and group["snr"]
+        reduced = group["reduction"] in ("tensor", "row") and group["snr"]
         sums = []
-        for i, p in enumerate(params):
-            g = _local(grads[i]).float()
-            m, v, s = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), _local(exp_vars[i])
-            steps[i] += 1
-            d = g - m                                   # deviation from the previous, uncorrected mean
-            s.mul_(rho).addcmul_(d, d, value=1 - rho)  # s <- rho s + (1 - rho) d^2
+        for i, p in enumerate(t["params"]):
+            g = _local(t["grads"][i]).float()
+            m, v, s = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i])
+            t["steps"][i] += 1
+            if mb is None:
+                d = g - m                                   # deviation from the previous, uncorrected mean
+                s.mul_(rho).addcmul_(d, d, value=1 - rho)  # s <- rho s + (1 - rho) d^2
+            else:
+                sq = t["mb_sqs"][i]
+                est = (sq * mb[0] - g * g * mb[1]).clamp_min_(0.0)  # unbiased variance of the step's mean
+                s.mul_(rho).add_(est, alpha=1 - rho)
+                sq.zero_()
             m.lerp_(g, 1 - beta1)                       # m <- beta1 m + (1 - beta1) g
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            if tensor_mode:
-                bc1, _, bcr = _bias_corrections(steps[i].item(), beta1, beta2, rho)
-                mu2 = (m / bc1).square()
-                sig2 = s / bcr
-                sums.append(torch.stack([mu2.sum(), sig2.sum()]))
-        return {"sums": sums if tensor_mode else None}
+            if reduced:
+                k = _scalars(group, t["steps"][i].item(), t["var_starts"][i])
+                mu2 = (m / k["bc1"]).square() if group["signal"] == "ema" else g.square()
+                sig2 = s / k["bcr"] * k["noise_scale"]
+                sums.append(torch.stack([_row_view(mu2, group["reduction"]).sum(1),
+                                         _row_view(sig2, group["reduction"]).sum(1)], dim=1).double())
+        return {"sums": sums if reduced else None}
 
     @staticmethod
-    def update(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps, ctx, want_stats):
-        beta1, beta2 = group["betas"]
-        lr, eps, wd, rho = group["lr"], group["eps"], group["weight_decay"], group["rho"]
-        lr = float(lr)
+    def update(group, t, ctx, want_stats):
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
         alpha, softness, c = _gate_knobs(group)
         part = None
-        for i, p_full in enumerate(params):
+        for i, p_full in enumerate(t["params"]):
             p = _local(p_full)
-            m, v, s = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), _local(exp_vars[i])
-            t = steps[i].item()
-            bc1, bc2, bcr = _bias_corrections(t, beta1, beta2, rho)
-            m_hat = m / bc1
-            mu2 = m_hat.square()
-            sig2 = s / bcr
-            if not group["snr"] or t <= group["warmup_steps"]:
+            m, v, s = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i])
+            k = _scalars(group, t["steps"][i].item(), t["var_starts"][i])
+            m_hat = m / k["bc1"]
+            mu2 = m_hat.square() if group["signal"] == "ema" else _local(t["grads"][i]).float().square()
+            sig2 = s / k["bcr"] * k["noise_scale"]
+            if k["open"]:
                 q = torch.ones_like(m)
-            elif group["reduction"] == "tensor":
-                sum_mu2, sum_sig2 = ctx["sums"][i][0], ctx["sums"][i][1]
-                q = _mask(group["mask"], sum_mu2, sum_sig2, alpha, softness, c).expand_as(m)
+            elif group["reduction"] in ("tensor", "row"):
+                sums = ctx["sums"][i]
+                q = _mask(group["mask"], sums[:, 0].float(), sums[:, 1].float(), alpha, softness, c)
+                q = q.reshape(_q_shape(m, group["reduction"])).expand_as(m)
             else:
                 q = _mask(group["mask"], mu2, sig2, alpha, softness, c)
-            denom = (v / bc2).sqrt() + eps
+            denom = (v / k["bc2"]).sqrt() + eps
             p32 = p.float() if p.dtype != torch.float32 else p
-            p32.mul_(1 - lr * wd)                       # decoupled weight decay, never masked
+            anchor = t["anchors"][i]
+            if anchor is None:
+                p32.mul_(1 - lr * wd)                   # decoupled weight decay, never masked
+            else:
+                p32.sub_(p32 - _local(anchor).float(), alpha=lr * wd)  # ... toward p0
             p32.addcdiv_(q * m_hat, denom, value=-lr)   # the gated AdamW step
             if p32 is not p:
                 p.copy_(p32)
@@ -487,7 +738,7 @@ class _single_tensor:
 
 
 def _mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softness: float, c: float):
-    """q in [0, 1] from mu^2 and sigma^2 (tensors or 0-d sums). No eps: only 0/0 is guarded."""
+    """q in [0, 1] from mu^2 and sigma^2 (tensors or sums). No eps: only 0/0 is guarded."""
     if kind == "snr":
         return mu2 / (mu2 + c * sig2).clamp_min(_TINY)
     if kind == "soft":
@@ -506,11 +757,12 @@ def _mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softne
 _CPU_BLOCK_NUMEL = 1 << 17
 
 
-def _blocks(tensors: list[list[torch.Tensor]], block_numel: int | None):
-    """Split aligned lists of tensors (params, grads, m, v, s) into blocks of aligned pieces.
+def _blocks(tensors: list[list[torch.Tensor]], block_numel: int | None, cut: bool = True):
+    """Split aligned lists of tensors (params, grads, m, v, s, ...) into blocks of aligned pieces.
 
     Returns a list of blocks; a block is a list of (i, views) with i the tensor's index and views
-    one piece of each list. Tensors that are not all contiguous are never cut.
+    one piece of each list (None stays None). Tensors that are not all contiguous, and every tensor
+    when ``cut`` is False, are never cut.
     """
     n = len(tensors[0])
     if block_numel is None:
@@ -519,11 +771,11 @@ def _blocks(tensors: list[list[torch.Tensor]], block_numel: int | None):
     for i in range(n):
         row = [ts[i] for ts in tensors]
         numel = row[0].numel()
-        if numel <= block_numel or not all(t.is_contiguous() for t in row):
+        if not cut or numel <= block_numel or not all(x is None or x.is_contiguous() for x in row):
             pieces = [row]
         else:
-            flat = [t.view(-1) for t in row]
-            pieces = [[f[a:a + block_numel] for f in flat] for a in range(0, numel, block_numel)]
+            flat = [None if x is None else x.view(-1) for x in row]
+            pieces = [[None if f is None else f[a:a + block_numel] for f in flat] for a in range(0, numel, block_numel)]
         for views in pieces:
             k = views[0].numel()
             if current and size + k > block_numel:
@@ -536,107 +788,132 @@ def _blocks(tensors: list[list[torch.Tensor]], block_numel: int | None):
     return blocks
 
 
+_P, _G, _M, _V, _S, _A, _Q = range(7)  # positions in a block's views: param, grad, m, v, s, anchor, sq
+
+
 class _multi_tensor:
     """The same math with torch._foreach_* kernels, in the oracle's order of operations.
 
-    Element reduction runs moments, gate and update in one sweep over the blocks. Tensor reduction
-    needs whole-tensor sums (all-reduced under FSDP2) before any gate, so it sweeps twice.
+    Element reduction runs moments, gate and update in one sweep over the blocks. Row and tensor
+    reductions need their sums (tensor: all-reduced under FSDP2) before any gate, so they sweep twice,
+    over whole tensors.
     """
 
     @staticmethod
-    def _split(params, grads, exp_avgs, exp_avg_sqs, exp_vars):
-        lists = [[_local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs, exp_vars)]
+    def _split(group, t):
+        lists = [[None if x is None else _local(x) for x in t[k]]
+                 for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars", "anchors", "mb_sqs")]
         on_cpu = all(x.device.type == "cpu" for x in lists[0])
-        return _blocks(lists, _CPU_BLOCK_NUMEL * min(torch.get_num_threads(), 4) if on_cpu else None)
+        block = _CPU_BLOCK_NUMEL * min(torch.get_num_threads(), 4) if on_cpu else None
+        return _blocks(lists, block, cut=group["reduction"] == "element")
 
     @staticmethod
-    def _moments(group, block) -> None:
+    def _moments(group, block, mb) -> None:
         """m, v, s of one block, in place."""
         beta1, beta2 = group["betas"]
         rho = group["rho"]
-        g = [x[1][1] if x[1][1].dtype == torch.float32 else x[1][1].float() for x in block]
-        m = [x[1][2] for x in block]
-        v = [x[1][3] for x in block]
-        s = [x[1][4] for x in block]
-        d = torch._foreach_sub(g, m)                    # deviation from the previous, uncorrected mean
+        g = [x[1][_G] if x[1][_G].dtype == torch.float32 else x[1][_G].float() for x in block]
+        m = [x[1][_M] for x in block]
+        v = [x[1][_V] for x in block]
+        s = [x[1][_S] for x in block]
         torch._foreach_mul_(s, rho)
-        torch._foreach_addcmul_(s, d, d, value=1 - rho)
+        if mb is None:
+            d = torch._foreach_sub(g, m)                # deviation from the previous, uncorrected mean
+            torch._foreach_addcmul_(s, d, d, value=1 - rho)
+        else:
+            sq = [x[1][_Q] for x in block]
+            est = torch._foreach_mul(sq, mb[0])
+            torch._foreach_addcmul_(est, g, g, value=-mb[1])
+            torch._foreach_clamp_min_(est, 0.0)
+            torch._foreach_add_(s, est, alpha=1 - rho)
+            torch._foreach_zero_(sq)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
 
     @staticmethod
-    def moments(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps):
-        torch._foreach_add_(steps, 1.0)
-        blocks = _multi_tensor._split(params, grads, exp_avgs, exp_avg_sqs, exp_vars)
-        ctx = {"blocks": blocks, "sums": None, "moments_done": False}
-        if group["reduction"] == "tensor" and group["snr"]:
-            beta1, rho = group["betas"][0], group["rho"]
-            ts = [x.item() for x in steps]
-            parts: list[list[torch.Tensor]] = [[] for _ in params]
+    def moments(group, t, mb):
+        torch._foreach_add_(t["steps"], 1.0)
+        blocks = _multi_tensor._split(group, t)
+        scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
+        ctx = {"blocks": blocks, "sums": None, "moments_done": False, "scalars": scal, "mb": mb}
+        if group["reduction"] in ("tensor", "row") and group["snr"]:
+            sums: list[torch.Tensor | None] = [None] * len(t["params"])
             for block in blocks:
-                _multi_tensor._moments(group, block)
+                _multi_tensor._moments(group, block, mb)
                 idx = [i for i, _ in block]
-                mu2 = torch._foreach_div([x[1][2] for x in block], [1 - beta1**ts[i] for i in idx])
-                torch._foreach_mul_(mu2, mu2)
-                sig2 = torch._foreach_div([x[1][4] for x in block], [1 - rho**ts[i] for i in idx])
+                if group["signal"] == "ema":
+                    mu2 = torch._foreach_div([x[1][_M] for x in block], [scal[i]["bc1"] for i in idx])
+                    torch._foreach_mul_(mu2, mu2)
+                else:
+                    mu2 = [x[1][_G].float().square() for x in block]
+                sig2 = torch._foreach_div([x[1][_S] for x in block], [scal[i]["bcr"] for i in idx])
+                torch._foreach_mul_(sig2, [scal[i]["noise_scale"] for i in idx])
                 for i, a, b in zip(idx, mu2, sig2):
-                    parts[i].append(torch.stack([a.sum(), b.sum()]))
-            ctx["sums"] = [torch.stack(p).sum(0) if len(p) > 1 else p[0] for p in parts]
+                    red = group["reduction"]
+                    sums[i] = torch.stack([_row_view(a, red).sum(1), _row_view(b, red).sum(1)], dim=1).double()
+            ctx["sums"] = sums
             ctx["moments_done"] = True
         return ctx
 
     @staticmethod
-    def update(group, params, grads, exp_avgs, exp_avg_sqs, exp_vars, steps, ctx, want_stats):
-        beta1, beta2 = group["betas"]
-        lr, eps, wd, rho = float(group["lr"]), group["eps"], group["weight_decay"], group["rho"]
+    def update(group, t, ctx, want_stats):
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
         alpha, softness, c = _gate_knobs(group)
         kind = group["mask"]
-        ts = [x.item() for x in steps]
-        warm = [t <= group["warmup_steps"] for t in ts]
-        gated = group["snr"] and not all(warm)
-        tensor_q = None
-        if gated and group["reduction"] == "tensor":
-            tensor_q = [_mask(kind, sm[0], sm[1], alpha, softness, c) for sm in ctx["sums"]]
-        bc1 = [1 - beta1**t for t in ts]
-        bc2 = [1 - beta2**t for t in ts]
-        bcr = [1 - rho**t for t in ts]
+        scal = ctx["scalars"]
+        gated = not all(k["open"] for k in scal)
+        red = group["reduction"]
+        reduced_q = None
+        if gated and red in ("tensor", "row"):
+            reduced_q = [_mask(kind, sm[:, 0].float(), sm[:, 1].float(), alpha, softness, c) for sm in ctx["sums"]]
         masked = group["snr"]
         acc = None
 
         for block in ctx["blocks"]:
             if not ctx["moments_done"]:
-                _multi_tensor._moments(group, block)
+                _multi_tensor._moments(group, block, ctx["mb"])
             idx = [i for i, _ in block]
-            m = [x[1][2] for x in block]
-            v = [x[1][3] for x in block]
-            s = [x[1][4] for x in block]
-            m_hat = torch._foreach_div(m, [bc1[i] for i in idx])
+            m = [x[1][_M] for x in block]
+            v = [x[1][_V] for x in block]
+            s = [x[1][_S] for x in block]
+            m_hat = torch._foreach_div(m, [scal[i]["bc1"] for i in idx])
             mu2 = sig2 = q = None
             if gated or want_stats:
-                mu2 = torch._foreach_mul(m_hat, m_hat)
-                sig2 = torch._foreach_div(s, [bcr[i] for i in idx])
+                if group["signal"] == "ema":
+                    mu2 = torch._foreach_mul(m_hat, m_hat)
+                else:
+                    g = [x[1][_G].float() for x in block]
+                    mu2 = torch._foreach_mul(g, g)
+                sig2 = torch._foreach_div(s, [scal[i]["bcr"] for i in idx])
+                if group["noise"] == "ema":
+                    torch._foreach_mul_(sig2, [scal[i]["noise_scale"] for i in idx])
             if gated:
-                if tensor_q is not None:
-                    q = [tensor_q[i].expand_as(x) for i, x in zip(idx, m)]
+                if reduced_q is not None:
+                    q = [reduced_q[i].reshape(_q_shape(x, red)).expand_as(x) for i, x in zip(idx, m)]
                 elif kind == "hard" or want_stats:
                     q = list(_foreach_mask(kind, mu2, sig2, alpha, softness, c))
                 else:  # q computed in the buffers of mu2 and sigma^2, which nothing needs after
                     q = _foreach_mask_(kind, mu2, sig2, alpha, softness, c)
                 for j, i in enumerate(idx):
-                    if warm[i]:  # a tensor still in its own warm-up (first gradient came late)
+                    if scal[i]["open"]:  # a tensor still in its own warm-up (first gradient came late)
                         q[j] = torch.ones_like(m[j])
 
-            denom = torch._foreach_div(v, [bc2[i] for i in idx])
+            denom = torch._foreach_div(v, [scal[i]["bc2"] for i in idx])
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, eps)
 
-            local_p = [x[1][0] for x in block]
+            local_p = [x[1][_P] for x in block]
             p32 = [p if p.dtype == torch.float32 else p.float() for p in local_p]
-            torch._foreach_mul_(p32, 1 - lr * wd)       # decoupled weight decay, never masked
+            anchors = [x[1][_A] for x in block]
+            if all(a is None for a in anchors):
+                torch._foreach_mul_(p32, 1 - lr * wd)   # decoupled weight decay, never masked
+            else:                                      # ... toward p0 (decay_to="init")
+                diff = torch._foreach_sub(p32, [a if a.dtype == torch.float32 else a.float() for a in anchors])
+                torch._foreach_sub_(p32, diff, alpha=lr * wd)
             if q is None:
                 step_dir = m_hat
-            elif want_stats or tensor_q is not None:
+            elif want_stats or reduced_q is not None:
                 step_dir = torch._foreach_mul(m_hat, q)
             else:
                 torch._foreach_mul_(q, m_hat)

@@ -24,8 +24,12 @@ from typing import Any, Callable
 SNR_OPTIM_NAME = "snr_adamw"
 
 MASKS = ("snr", "soft", "hard")
-REDUCTIONS = ("element", "tensor")
+REDUCTIONS = ("element", "row", "tensor")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+NOISE_SCALES = ("step", "ema")
+SIGNALS = ("ema", "step")
+VARIANCES = ("ema", "microbatch")
+DECAY_TARGETS = ("zero", "init")
 
 # At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
 # start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
@@ -153,7 +157,23 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
          "for several epochs over n examples with effective batch b", _to_alpha),
     _opt("rho", "float", 0.99, "[0, 1)", _unit, "decay of the variance EMA", _to_float),
     _opt("reduction", "str", "element", f"one of {', '.join(REDUCTIONS)}", _one_of(REDUCTIONS),
-         "one gate per scalar (element) or per parameter tensor from sums (tensor)", _to_str, label="reduction"),
+         "one gate per scalar (element), per output row of a matrix (row: sums over each row; 1-D tensors get one "
+         "gate), or per parameter tensor from sums (tensor)", _to_str, label="reduction"),
+    _opt("noise", "str", "step", f"one of {', '.join(NOISE_SCALES)}", _one_of(NOISE_SCALES),
+         "noise the gate compares with: step = the variance of one step's gradient (as specified); ema = scaled "
+         "to the variance of the EMA m_hat the step moves along, c_t = (1-b1)(1+b1^t)/((1+b1)(1-b1^t))",
+         _to_str, label="noise"),
+    _opt("signal", "str", "ema", f"one of {', '.join(SIGNALS)}", _one_of(SIGNALS),
+         "signal the gate tests: ema = m_hat^2 (as specified); step = this step's gradient g^2 against one "
+         "step's variance (the update still moves along m_hat)", _to_str, label="signal"),
+    _opt("variance", "str", "ema", f"one of {', '.join(VARIANCES)}", _one_of(VARIANCES),
+         "variance estimate: ema of (g - m)^2 (as specified); microbatch = the unbiased variance of this "
+         "step's mean gradient from its k >= 2 micro-batch (and data-parallel) gradients, smoothed with rho",
+         _to_str, label="variance"),
+    _opt("decay_to", "str", "zero", f"one of {', '.join(DECAY_TARGETS)}", _one_of(DECAY_TARGETS),
+         "decoupled weight decay pulls toward zero (AdamW) or toward the parameters' values at the first step "
+         "(init: p <- p - lr*wd*(p - p0); one more fp32 tensor per decayed parameter, or none where a "
+         "reference model's weights are the anchor)", _to_str, label="decay_to"),
     _opt("warmup_steps", "int", DEFAULT_WARMUP_STEPS, "an integer >= 0",
          lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
          "first steps with the gate open (plain AdamW) while the moments warm up", _to_int),
@@ -202,7 +222,14 @@ def validate_hparams(hp: dict[str, Any], where: str = "") -> None:
 
 
 def check_combination(hp: dict[str, Any], where: str = "") -> None:
-    """Checks between options (none yet beyond the single-value ones; kept as the one place for them)."""
+    """Checks between options: the one place for them."""
+    loc = f" in {where}" if where else ""
+    if hp.get("signal") == "step" and hp.get("noise") == "ema":
+        raise OptionError(
+            "Invalid combination signal='step' with noise='ema'" + loc + ": signal='step' tests one step's gradient, "
+            "whose variance is sigma^2 itself; noise='ema' scales sigma^2 to the variance of the EMA m_hat. "
+            "Use signal='step' with noise='step', or signal='ema' with either noise."
+        )
 
 
 def validate_value(name: str, value: Any) -> None:
@@ -250,6 +277,10 @@ class SNROptions:
     alpha: float | str = DEFAULTS["alpha"]
     rho: float = DEFAULTS["rho"]
     reduction: str = DEFAULTS["reduction"]
+    noise: str = DEFAULTS["noise"]
+    signal: str = DEFAULTS["signal"]
+    variance: str = DEFAULTS["variance"]
+    decay_to: str = DEFAULTS["decay_to"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
     nonfinite: str = DEFAULTS["nonfinite"]
     foreach: bool | None = DEFAULTS["foreach"]

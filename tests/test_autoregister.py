@@ -138,12 +138,15 @@ def test_trl_dpo_cli_trains_with_snr_adamw_from_yaml_and_flags(offline_model_and
     assert state["param_groups"][0]["softness"] == 3.0
 
 
-def test_trl_dpo_help_lists_every_snr_option():
+@pytest.mark.parametrize("command", ["trl dpo", "recipes/noisy_dpo.py"])
+def test_help_lists_every_snr_option(command):
     from hf_snr.options import OPTIM_ARGS_KEYS, OPTIONS
 
-    trl = Path(sys.executable).with_name("trl")
-    proc = subprocess.run([str(trl), "dpo", "--help"], env=dict(ENV, COLUMNS="400"), capture_output=True,
-                          text=True, timeout=300)
+    if command == "trl dpo":
+        cmd = [str(Path(sys.executable).with_name("trl")), "dpo", "--help"]
+    else:
+        cmd = [sys.executable, str(ROOT / command), "--help"]
+    proc = subprocess.run(cmd, env=dict(ENV, COLUMNS="400"), capture_output=True, text=True, timeout=300)
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "snr_adamw" in text

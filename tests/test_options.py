@@ -13,16 +13,18 @@ from hf_snr.options import OPTIM_ARGS_KEYS as OPTIONS, SNROptions, finite_data_a
 def test_every_knob_is_parsed_typed():
     o = parse_optim_args(
         "mask=soft, softness=3,alpha=0.25,rho=0.9,reduction=tensor,warmup_steps=4,nonfinite=raise,"
-        "foreach=false,exclude=mlp|lm_head"
+        "foreach=false,exclude=mlp|lm_head,noise=ema,signal=ema,variance=microbatch,decay_to=init"
     )
     assert o == SNROptions(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor", warmup_steps=4,
-                           nonfinite="raise", foreach=False, exclude="mlp|lm_head")
+                           nonfinite="raise", foreach=False, exclude="mlp|lm_head", noise="ema", signal="ema",
+                           variance="microbatch", decay_to="init")
     assert type(o.softness) is float and type(o.alpha) is float and type(o.warmup_steps) is int
     assert o.optimizer_kwargs() == dict(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor",
-                                        warmup_steps=4, nonfinite="raise", foreach=False)
+                                        warmup_steps=4, nonfinite="raise", foreach=False, noise="ema", signal="ema",
+                                        variance="microbatch", decay_to="init")
     # every option in the table is covered by this test (a new knob must be added here)
     assert set(OPTIONS) == {"mask", "softness", "alpha", "rho", "reduction", "warmup_steps", "nonfinite", "foreach",
-                            "exclude"}
+                            "exclude", "noise", "signal", "variance", "decay_to"}
 
 
 def test_defaults_and_aliases():
@@ -57,7 +59,12 @@ def test_unknown_key_lists_what_is_accepted():
         ("alpha=inf", r"alpha"),
         ("alpha=sometimes", r"alpha='sometimes'.*auto"),
         ("rho=1", r"rho.*\[0, 1\)"),
-        ("reduction=row", r"reduction.*element, tensor"),
+        ("reduction=layer", r"reduction.*element, row, tensor"),
+        ("noise=batch", r"noise.*one of step, ema"),
+        ("signal=mean", r"signal.*one of ema, step"),
+        ("variance=rank", r"variance.*one of ema, microbatch"),
+        ("decay_to=ref", r"decay_to.*one of zero, init"),
+        ("signal=step,noise=ema", r"combination signal='step' with noise='ema'"),
         ("warmup_steps=2.5", r"warmup_steps.*integer"),
         ("warmup_steps=-1", r"warmup_steps.*>= 0"),
         ("nonfinite=ignore", r"nonfinite.*skip, raise, propagate"),
