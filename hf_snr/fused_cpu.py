@@ -261,17 +261,19 @@ def _row_lens(row_lens, params, numels):
     return rl
 
 
-def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs):
-    """Validate the per-group tensors once per distinct (pointers, numels, rows); cheap afterwards.
+def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs, with_numels):
+    """Validate the per-group tensors once per distinct (pointers, rows); cheap afterwards.
 
-    The gradients change every step and are checked on every call (:func:`_check_grads`).
+    The gradients change every step and are checked on every call (:func:`_grads_ok`), their
+    numels against the plan's: a parameter resized in place re-validates the group. A call without
+    gradients (``with_numels``) keys on the parameters' numels instead.
     """
-    numels = list(map(_numel, params))
-    key = (ptrs, array("q", numels).tobytes(),
-           row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens))
+    key = (ptrs, row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens),
+           array("q", map(_numel, params)).tobytes() if with_numels else None)
     plan = _plans.get(key)
     if plan is not None:
         return plan
+    numels = list(map(_numel, params))
     n = len(params)
     pdtype = _check_list("params", params, n, (_F32, _BF16), None)
     _check_list("exp_avgs", exp_avgs, n, (_F32,), numels)
@@ -301,17 +303,14 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
     return plan
 
 
-def _check_grads(grads, plan, n):
+def _grads_ok(grads, plan, n):
     if grads is None or len(grads) != n:
         raise ValueError(f"fused_cpu: grads must be a list of {n} tensors")
     try:
-        ok = (all(map(_is_cpu, grads)) and all(map(_contig, grads))
-              and set(map(_dtype, grads)) <= {plan.pdtype} and list(map(_numel, grads)) == plan.numels)
-    except TypeError:
-        ok = False
-    if not ok:  # say which one is wrong
-        _check_list("grads", grads, n, (plan.pdtype,), plan.numels)
-        raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
+        return (all(map(_is_cpu, grads)) and all(map(_contig, grads))
+                and set(map(_dtype, grads)) <= {plan.pdtype} and list(map(_numel, grads)) == plan.numels)
+    except TypeError:  # not a tensor
+        return False
 
 
 def _bc_array(bc1, bc2, bcr, n):
@@ -365,10 +364,18 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     mask_k = _choice("mask", mask, _MASKS)
     if pass_ != _PASS_UPDATE and variance_k == 1 and sq_sums is None:
         raise ValueError("fused_cpu: variance='microbatch' needs sq_sums")
+    with_g = pass_ != _PASS_UPDATE or signal_k == 1
+    key = ptrs.tobytes()
     plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
-                 sq_sums if use_sq else None, row_lens, ptrs.tobytes())
-    if pass_ != _PASS_UPDATE or signal_k == 1:
-        _check_grads(grads, plan, n)
+                 sq_sums if use_sq else None, row_lens, key, not with_g)
+    if with_g:
+        if not _grads_ok(grads, plan, n):
+            _plans.clear()  # a resized parameter, or a wrong gradient: check everything again
+            plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
+                         sq_sums if use_sq else None, row_lens, key, False)
+            if not _grads_ok(grads, plan, n):
+                _check_list("grads", grads, n, (plan.pdtype,), plan.numels)  # names the culprit
+                raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
         ptrs.extend(map(_ptr, grads))
     else:
         ptrs.frombytes(bytes(8 * n))
