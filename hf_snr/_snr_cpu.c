@@ -26,6 +26,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define SNR_ABI 1
 #ifndef PAD
@@ -100,7 +103,8 @@ static inline float clamp_min(float x, float lo) { return x < lo ? lo : x; } /* 
 
 /* ---- per-range accumulators ---- */
 typedef struct {
-    double st[5][LANES];
+    double st[3][LANES]; /* sums of q (seen), u * mu2, u * sig2 */
+    int64_t cnt[2];       /* seen, seen and q > 0.5 */
     /* partial rows (a row cut by a range boundary): at most two per range */
     int64_t prow[2];
     double psum[2][2];
@@ -122,11 +126,16 @@ static inline __attribute__((always_inline)) void lanes_acc(double *restrict acc
     int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int s = 0; s < nx; s++) {
+#ifdef __AVX512F__ /* one vcvtps2pd each (GCC 12 splits the generic conversion in four) */
+            a[s][0] += (v8d)_mm512_cvtps_pd(_mm256_loadu_ps(x[s] + i));
+            a[s][1] += (v8d)_mm512_cvtps_pd(_mm256_loadu_ps(x[s] + i + 8));
+#else
             v8f lo, hi;
             memcpy(&lo, x[s] + i, sizeof lo);
             memcpy(&hi, x[s] + i + 8, sizeof hi);
             a[s][0] += __builtin_convertvector(lo, v8d);
             a[s][1] += __builtin_convertvector(hi, v8d);
+#endif
         }
     for (int s = 0; s < nx; s++) memcpy(acc + s * LANES, a[s], sizeof a[s]);
     for (int j = 0; i < n; i++, j++)
@@ -315,17 +324,20 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
     }
     if (A->want_stats) { /* per-element terms (fp32), then their sums (double) */
         const float lr = A->lr;
-        float *restrict u = den, *restrict t0 = gbuf, *restrict t1 = sbuf, *restrict t2 = mh;
+        float *restrict u = den, *restrict t0 = gbuf;
+        int seen = 0, active = 0; /* integer sums vectorize (float ones would need reassociation) */
         for (int i = 0; i < n; i++) {
             u[i] = (q[i] * lr) / den[i];
             t0[i] = V[i] > 0.0f ? q[i] : 0.0f;
-            t1[i] = V[i] > 0.0f ? 1.0f : 0.0f;
-            t2[i] = (V[i] > 0.0f && q[i] > 0.5f) ? 1.0f : 0.0f;
+            seen += V[i] > 0.0f;
+            active += (V[i] > 0.0f) & (q[i] > 0.5f);
             mu2[i] = u[i] * mu2[i];
             sig2[i] = u[i] * sig2[i];
         }
-        const float *x[5] = {t0, t1, t2, mu2, sig2};
-        lanes_acc(&acc->st[0][0], x, 5, n);
+        acc->cnt[0] += seen;
+        acc->cnt[1] += active;
+        const float *x[3] = {t0, mu2, sig2};
+        lanes_acc(&acc->st[0][0], x, 3, n);
     }
 }
 
@@ -449,7 +461,13 @@ int snr_run(const snr_args *A)
     if (A->want_stats && A->pass != PASS_MOMENTS) {
         double tot[5] = {0, 0, 0, 0, 0};
         for (int64_t t = 0; t < nparts; t++)
-            for (int s = 0; s < 5; s++) tot[s] += lanes_sum(acc[t].st[s]);
+        {
+            tot[0] += lanes_sum(acc[t].st[0]);
+            tot[1] += (double)acc[t].cnt[0];
+            tot[2] += (double)acc[t].cnt[1];
+            tot[3] += lanes_sum(acc[t].st[1]);
+            tot[4] += lanes_sum(acc[t].st[2]);
+        }
         tot[4] *= (double)A->alpha;
         for (int s = 0; s < 5; s++) A->stats[s] = tot[s];
     }

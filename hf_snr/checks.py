@@ -45,15 +45,36 @@ def _deepspeed_config_of(args: TrainingArguments) -> dict[str, Any] | None:
     return None
 
 
+def _uses_fsdp(args: TrainingArguments) -> bool:
+    import os
+
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def check_args(args: TrainingArguments, options: SNROptions) -> None:
-    """Checks that can run when the arguments are built: DeepSpeed swaps and flat-partition limits."""
+    """Checks that can run when the arguments are built: DeepSpeed swaps, flat-partition and backend limits."""
     ds = _deepspeed_config_of(args)
+    if options.variance == "microbatch":
+        backend = "DeepSpeed" if ds is not None else "FSDP" if _uses_fsdp(args) else None
+        if backend:
+            raise ValueError(
+                f"optim_args variance='microbatch' cannot run under {backend}: it reads each micro-batch's gradient "
+                "with hooks on the parameters, and the backend accumulates and reduces gradients in its own buffers "
+                "(the hooks never see them). Use variance='ema', or DDP / a single process."
+            )
+        k = args.gradient_accumulation_steps * max(1, args.world_size)
+        if k < 2:
+            raise ValueError(
+                f"optim_args variance='microbatch' needs k >= 2 micro-batches per optimizer step, got "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps} x world_size={args.world_size} = {k}. "
+                "Set gradient_accumulation_steps >= 2 (or launch several data-parallel processes)."
+            )
     if ds is None:
         return
     check_deepspeed_config(ds)
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if options.reduction == "tensor" and stage in (1, 2, 3):
+    if options.reduction in ("tensor", "row") and stage in (1, 2, 3):
         raise ValueError(
-            f"optim_args reduction='tensor' cannot run under DeepSpeed ZeRO stage {stage}: the optimizer sees flat "
-            "partitions that mix slices of many tensors. Use reduction='element' (exact under ZeRO) or FSDP2."
+            f"optim_args reduction={options.reduction!r} cannot run under DeepSpeed ZeRO stage {stage}: the optimizer "
+            "sees flat partitions that mix slices of many tensors. Use reduction='element' (exact under ZeRO) or FSDP2."
         )

@@ -70,6 +70,7 @@ one from the hooked log-probs. It compares on equal terms with TRL's robust DPO
 (``loss_type="robust"``, same ``label_smoothing``), plain DPO, and either optimizer.
 """
 
+import logging
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ from trl import DPOConfig, DPOTrainer
 from .options import SNR_OPTIM_NAME
 
 __all__ = ["SNRDPOConfig", "SNRDPOTrainer", "DPO_METRICS", "CDPO_LOSS", "DEFAULT_FLIPPED_COLUMN", "cdpo_loss"]
+
+logger = logging.getLogger("hf_snr")
 
 CDPO_LOSS = "cdpo"
 DEFAULT_FLIPPED_COLUMN = "label_flipped"
@@ -231,6 +234,44 @@ class SNRDPOTrainer(DPOTrainer):
         if self.ref_model is not None:
             ref_module = self.accelerator.unwrap_model(self.ref_model)
             self._capture_hooks.append(ref_module.register_forward_hook(self._capture_hook("ref"), with_kwargs=True))
+
+    # -- decay_to="init": anchor on the reference model's own weights ------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self._anchor_decay_on_reference(optimizer)
+        return optimizer
+
+    def _anchor_decay_on_reference(self, optimizer) -> None:
+        """With decay_to="init", the decoupled decay pulls toward the reference policy. When this trainer holds a
+        reference model with the policy's parameter names and shapes, its weights are the anchor (no copy);
+        otherwise SNRAdamW keeps a copy of the first-step values (under PEFT the adapters start at zero for B, so
+        plain decay_to="zero" already pulls toward the reference)."""
+        from .integration import unwrap_optimizer
+        from .optimizer import SNRAdamW
+
+        opt = unwrap_optimizer(optimizer)
+        if not isinstance(opt, SNRAdamW) or not any(g["decay_to"] == "init" and g["weight_decay"]
+                                                     for g in opt.param_groups):
+            return
+        why = None
+        if self.ref_model is None:
+            why = "no separate reference model (PEFT or precomputed reference log-probs)"
+        elif self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            why = "DeepSpeed/FSDP hand the optimizer other tensors than the model's parameters"
+        anchors = {}
+        if why is None:
+            ref = dict(self.accelerator.unwrap_model(self.ref_model).named_parameters())
+            in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+            for name, p in self.accelerator.unwrap_model(self.model).named_parameters():
+                r = ref.get(name)
+                if id(p) in in_opt and r is not None and r.shape == p.shape:
+                    anchors[p] = r
+        if anchors:
+            opt.set_decay_anchors(anchors)
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        logger.warning("hf_snr: decay_to='init' anchors %d of %d parameter tensors on the reference model's weights%s",
+                       len(anchors), n, "" if why is None and len(anchors) == n else
+                       f"; the others keep a copy of their first-step values ({why or 'no matching reference weight'})")
 
     # -- the flipped column: keep it through column removal; never hand it to the model ------------
     def _set_signature_columns_if_needed(self):

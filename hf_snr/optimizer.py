@@ -549,7 +549,11 @@ class SNRAdamW(Optimizer):
             if foreach is None:
                 foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors["params"])
             impl = _multi_tensor if foreach else _single_tensor
-            mb = self._microbatch_scales(tensors) if group["variance"] == "microbatch" else None
+            mb = None
+            if group["variance"] == "microbatch":
+                mb = self._microbatch_scales(tensors)
+                for p in tensors["params"]:  # the moments zero the sums; the counts restart with them
+                    self._mb_count[p] = 0
             ctx = impl.moments(group, tensors, mb)
             work.append((group, impl, tensors, ctx))
 
