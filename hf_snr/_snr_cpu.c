@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#define SNR_ABI 1
+#define SNR_ABI 2
 #ifndef PAD
 #define PAD 16
 #endif
@@ -51,17 +51,18 @@ typedef struct {
     float beta1, beta2, rho;
     float omb1, omb2, omr;       /* 1 - beta1, 1 - beta2, 1 - rho (computed in double) */
     float lr, eps, decay_mul, lrwd; /* decay_mul = 1 - lr * wd, lrwd = lr * wd */
-    float alpha, softness, c, noise_scale;
+    float alpha, softness, c;
     float mb_a, mb_b;            /* microbatch variance: est = max(a * sq - b * g^2, 0) */
-    int32_t pass, mask, signal, variance, decay, gate_open, want_stats, rows;
+    int32_t pass, mask, signal, variance, decay, want_stats, rows, pad_;
     int32_t p_bf16, s_bf16, p0_bf16, nthreads;
     int64_t ntensors;
     void *const *ptrs;           /* P_COUNT arrays of ntensors pointers, back to back; NULL = absent */
     const int64_t *numel;        /* ntensors */
     const int64_t *row_len;      /* ntensors; used when rows != 0 (whole tensor: numel) */
     const int64_t *row_off;      /* ntensors + 1: first row of each tensor in q_rows / row_sums */
-    const float *bc;             /* bc1, bc2, bcr of tensor k at bc[k * bc_stride + 0..2] */
-    int64_t bc_stride;           /* 3: one triple per tensor; 0: one shared triple */
+    const float *tsc;            /* per-tensor scalars of tensor k at tsc[k * tsc_stride + 0..4]: bc1 = 1 - beta1^t,
+                                    bc2 = 1 - beta2^t, bcr = 1 - rho^t, noise_scale, gate open (1) or not (0) */
+    int64_t tsc_stride;          /* 5: one set per tensor; 0: one shared set */
     const float *q_rows;         /* PASS_UPDATE with rows: one gate per row */
     double *row_sums;            /* PASS_MOMENTS with rows: (rows, 2) sums of mu2 and sig2 */
     double *stats;               /* want_stats: 5 sums */
@@ -163,11 +164,12 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
     const int64_t T = A->ntensors;
     float *restrict M = (float *)P[P_M * T + k] + off;
     float *restrict V = (float *)P[P_V * T + k] + off;
-    const float *bck = A->bc + k * A->bc_stride;
-    const float bc1 = bck[0], bc2 = bck[1], bcr = bck[2];
+    const float *tsc = A->tsc + k * A->tsc_stride;
+    const float bc1 = tsc[0], bc2 = tsc[1], bcr = tsc[2], ns = tsc[3];
+    const int gate_open = tsc[4] != 0.0f;
     const int pass = A->pass;
     const int need_g = pass != PASS_UPDATE || A->signal == 1;
-    const int elem_gate = !A->gate_open && !A->rows;
+    const int elem_gate = !gate_open && !A->rows;
     const int need_musig = pass == PASS_MOMENTS ? rs != NULL : (A->want_stats || elem_gate);
 
     /* gradient as fp32 */
@@ -194,9 +196,9 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
             }
         } else {
             float *restrict SQ = (float *)P[P_SQ * T + k] + off;
-            const float a = A->mb_a, nb = -A->mb_b;
-            for (int i = 0; i < n; i++) {
-                est[i] = clamp_min(fma_(nb * G[i], G[i], a * SQ[i]), 0.0f);
+            const float a = A->mb_a, b = A->mb_b;
+            for (int i = 0; i < n; i++) { /* (sq * a - g * g * b).clamp_min_(0) */
+                est[i] = clamp_min(SQ[i] * a - (G[i] * G[i]) * b, 0.0f);
                 SQ[i] = 0.0f;
             }
         }
@@ -249,7 +251,6 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
     /* bias-corrected mean, signal and noise */
     for (int i = 0; i < n; i++) mh[i] = M[i] / bc1;
     if (need_musig) {
-        const float ns = A->noise_scale;
         if (A->signal == 0)
             for (int i = 0; i < n; i++) mu2[i] = mh[i] * mh[i];
         else
@@ -265,7 +266,7 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
     }
 
     /* the gate */
-    if (A->gate_open) {
+    if (gate_open) {
         for (int i = 0; i < n; i++) q[i] = 1.0f;
     } else if (A->rows) {
         for (int i = 0; i < n; i++) q[i] = qrow;
@@ -351,7 +352,7 @@ static void run_range(const snr_args *A, const int64_t *prefix, int64_t lo, int6
         const int64_t t0 = prefix[k];
         int64_t a = (lo > t0 ? lo : t0) - t0;
         const int64_t b = (hi < prefix[k + 1] ? hi : prefix[k + 1]) - t0;
-        if (!A->rows || (A->pass != PASS_MOMENTS && A->gate_open)) { /* no row structure needed */
+        if (!A->rows || (A->pass != PASS_MOMENTS && A->tsc[k * A->tsc_stride + 4] != 0.0f)) { /* no rows needed */
             for (; a < b; a += BLK) {
                 const int n = (int)(b - a < BLK ? b - a : BLK);
                 run_block(A, k, a, n, 1.0f, NULL, acc);
@@ -408,8 +409,8 @@ int snr_run(const snr_args *A)
     const int64_t T = A->ntensors;
     if (T < 0 || A->pass < 0 || A->pass > 2) return -1;
     if (A->pass == PASS_MOMENTS && A->rows && !A->row_sums) return -2;
-    if (A->pass == PASS_UPDATE && A->rows && !A->gate_open && !A->q_rows) return -3;
-    if (A->pass == PASS_FULL && A->rows && !A->gate_open) return -4;
+    if (A->pass == PASS_UPDATE && A->rows && !A->q_rows) return -3;
+    if (A->pass == PASS_FULL && A->rows) return -4;
     int64_t *prefix = (int64_t *)malloc((size_t)(T + 1) * sizeof(int64_t));
     if (!prefix) return -5;
     prefix[0] = 0;

@@ -54,7 +54,7 @@ import torch
 __all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
-_ABI = 1
+_ABI = 2
 _BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # Tried in order: the fast build, then one without -march=native / OpenMP (e.g. a compiler that
 # lacks them); the chosen flags are part of the cache key.
@@ -71,17 +71,17 @@ _PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = 0, 1, 2
 class _Args(ctypes.Structure):
     _fields_ = [(name, ctypes.c_float) for name in (
         "beta1", "beta2", "rho", "omb1", "omb2", "omr", "lr", "eps", "decay_mul", "lrwd",
-        "alpha", "softness", "c", "noise_scale", "mb_a", "mb_b")] + [
+        "alpha", "softness", "c", "mb_a", "mb_b")] + [
         (name, ctypes.c_int32) for name in (
-            "pass_", "mask", "signal", "variance", "decay", "gate_open", "want_stats", "rows",
+            "pass_", "mask", "signal", "variance", "decay", "want_stats", "rows", "pad_",
             "p_bf16", "s_bf16", "p0_bf16", "nthreads")] + [
         ("ntensors", ctypes.c_int64),
         ("ptrs", ctypes.c_void_p),
         ("numel", ctypes.c_void_p),
         ("row_len", ctypes.c_void_p),
         ("row_off", ctypes.c_void_p),
-        ("bc", ctypes.c_void_p),
-        ("bc_stride", ctypes.c_int64),
+        ("tsc", ctypes.c_void_p),
+        ("tsc_stride", ctypes.c_int64),
         ("q_rows", ctypes.c_void_p),
         ("row_sums", ctypes.c_void_p),
         ("stats", ctypes.c_void_p),
@@ -313,15 +313,25 @@ def _grads_ok(grads, plan, n):
         return False
 
 
-def _bc_array(bc1, bc2, bcr, n):
-    if isinstance(bc1, (int, float)) and isinstance(bc2, (int, float)) and isinstance(bcr, (int, float)):
-        return array("f", (bc1, bc2, bcr)), 0
-    per = [x if isinstance(x, Sequence) else [x] * n for x in (bc1, bc2, bcr)]
-    if any(len(x) != n for x in per):
-        raise ValueError(f"fused_cpu: bc1, bc2, bcr must be floats or sequences of {n} floats")
-    out = array("f", bytes(12 * n))
-    out[0::3], out[1::3], out[2::3] = array("f", per[0]), array("f", per[1]), array("f", per[2])
-    return out, 3
+def _tensor_scalars(bc1, bc2, bcr, noise_scale, gate_open, n):
+    """The kernel's per-tensor scalars (bc1, bc2, bcr, noise_scale, open) as fp32: one shared set when all
+    are plain numbers, else one set per tensor (each argument a number or a sequence of n)."""
+    vals = (bc1, bc2, bcr, noise_scale, gate_open)
+    if not any(isinstance(x, (Sequence, torch.Tensor)) for x in vals):
+        return array("f", (bc1, bc2, bcr, noise_scale, 1.0 if gate_open else 0.0)), 0
+    cols = []
+    for name, x in zip(("bc1", "bc2", "bcr", "noise_scale", "gate_open"), vals):
+        if isinstance(x, (Sequence, torch.Tensor)):
+            x = [float(bool(e)) for e in x] if name == "gate_open" else [float(e) for e in x]
+            if len(x) != n:
+                raise ValueError(f"fused_cpu: {name} has {len(x)} values for {n} tensors")
+        else:
+            x = [float(bool(x)) if name == "gate_open" else float(x)] * n
+        cols.append(array("f", x))
+    out = array("f", bytes(20 * n))
+    for j, col in enumerate(cols):
+        out[j::5] = col
+    return out, 5
 
 
 def _choice(name, value, table):
@@ -379,7 +389,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
         ptrs.extend(map(_ptr, grads))
     else:
         ptrs.frombytes(bytes(8 * n))
-    bc, bc_stride = _bc_array(bc1, bc2, bcr, n)
+    tsc, tsc_stride = _tensor_scalars(bc1, bc2, bcr, noise_scale, gate_open, n)
 
     a = _Args()
     a.beta1, a.beta2, a.rho = beta1, beta2, rho
@@ -389,17 +399,17 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     alpha, softness = min(float(alpha), _FP32_MAX), min(float(softness), _FP32_MAX)
     a.alpha, a.softness = alpha, softness
     a.c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
-    a.noise_scale, a.mb_a, a.mb_b = noise_scale, sq_scale, g2_scale
+    a.mb_a, a.mb_b = sq_scale, g2_scale
     a.pass_, a.mask, a.signal, a.variance = pass_, mask_k, signal_k, variance_k
     a.decay = int(anchors is not None)
-    a.gate_open, a.want_stats = int(bool(gate_open)), int(bool(want_stats))
+    a.want_stats = int(bool(want_stats))
     a.p_bf16, a.s_bf16, a.p0_bf16 = int(plan.pdtype == _BF16), plan.s_bf16, plan.p0_bf16
     a.nthreads = torch.get_num_threads() if num_threads is None else int(num_threads)
     a.ntensors = n
     a.ptrs = ptrs.buffer_info()[0]
     a.numel = plan.numel_arr.buffer_info()[0]
-    a.bc = bc.buffer_info()[0]
-    a.bc_stride = bc_stride
+    a.tsc = tsc.buffer_info()[0]
+    a.tsc_stride = tsc_stride
     out = None
     if plan.row_len_arr is not None:
         a.rows = 1
@@ -408,7 +418,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
         if pass_ == _PASS_MOMENTS:
             out = torch.empty((plan.rows, 2), dtype=torch.float64)
             a.row_sums = out.data_ptr()
-        elif not gate_open:
+        else:
             if (not isinstance(q_rows, torch.Tensor) or q_rows.dtype != _F32 or q_rows.device.type != "cpu"
                     or not q_rows.is_contiguous() or q_rows.numel() != plan.rows):
                 raise ValueError(f"fused_cpu: q_rows must be a contiguous CPU float32 tensor of {plan.rows} "
@@ -434,20 +444,22 @@ def _describe(t):
 # -- public API ----------------------------------------------------------------------------------
 def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: float, beta2: float, rho: float,
          eps: float, weight_decay: float, bc1, bc2, bcr, alpha: float = 1.0, softness: float = 1.0,
-         c: float | None = None, mask: str = "snr", signal: str = "ema", noise_scale: float = 1.0,
+         c: float | None = None, mask: str = "snr", signal: str = "ema", noise_scale=1.0,
          variance: str = "ema", sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, anchors=None,
-         gate_open: bool = False, want_stats: bool = False, num_threads: int | None = None):
+         gate_open=False, want_stats: bool = False, num_threads: int | None = None):
     """One fused SNRAdamW step (moments, element gate or open gate, update) over a list of tensors.
 
     params: fp32 or bf16 tensors, updated in place (all of one dtype); grads: same dtype;
     exp_avgs, exp_avg_sqs: fp32 m and v; exp_vars: fp32 or bf16 variance s (all of one dtype).
-    bc1, bc2, bcr: 1 - beta1^t, 1 - beta2^t, 1 - rho^t, a float (shared) or one per tensor.
+    bc1, bc2, bcr (1 - beta1^t, 1 - beta2^t, 1 - rho^t), noise_scale (a factor on sig2) and
+    gate_open (q = 1: warm-up, plain AdamW): each a number shared by all tensors, or a sequence
+    with one value per tensor (tensors at different steps).
     c: softness * alpha (default: computed; clamped to fp32's largest value like alpha, softness).
     mask: "snr" | "soft" | "hard"; signal: "ema" (mu2 = m_hat^2) | "step" (mu2 = g^2).
     variance: "ema" | "microbatch" (needs sq_sums, fp32, zeroed by the kernel;
     est = max(sq_scale * sq - g2_scale * g^2, 0)). anchors: decay towards these (fp32 or bf16)
-    instead of towards zero. gate_open: q = 1 (warm-up, plain AdamW). num_threads: default
-    torch.get_num_threads(). Returns the 5 statistics (see the module doc) when want_stats, else None.
+    instead of towards zero. num_threads: default torch.get_num_threads() (fewer for small groups:
+    one per 32768 elements). Returns the 5 statistics (see the module doc) when want_stats, else None.
     """
     return _run(_PASS_FULL, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors=anchors, sq_sums=sq_sums,
                 lr=lr, beta1=beta1, beta2=beta2, rho=rho, eps=eps, weight_decay=weight_decay, bc1=bc1, bc2=bc2,
@@ -457,7 +469,7 @@ def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: fl
 
 
 def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, beta2: float, rho: float, bc1, bcr,
-            row_lens="tensor", signal: str = "ema", noise_scale: float = 1.0, variance: str = "ema",
+            row_lens="tensor", signal: str = "ema", noise_scale=1.0, variance: str = "ema",
             sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, num_threads: int | None = None):
     """Pass 1 of a row / whole-tensor gate: update s, m, v (zero sq) and sum mu2, sig2 per row.
 
@@ -466,6 +478,7 @@ def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, bet
     sums: just the moments, for an element gate applied by :func:`update`). Returns a float64
     tensor of shape (total rows, 2) holding (sum mu2, sum sig2) per row, rows of consecutive
     tensors back to back (None when row_lens is None). params is only read (its dtype and numel).
+    bc1, bcr and noise_scale: numbers or one per tensor, as for :func:`step`.
     """
     return _run(_PASS_MOMENTS, params, grads, exp_avgs, exp_avg_sqs, exp_vars, sq_sums=sq_sums, row_lens=row_lens,
                 beta1=beta1, beta2=beta2, rho=rho, bc1=bc1, bc2=1.0, bcr=bcr, signal=signal,
@@ -476,19 +489,20 @@ def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, bet
 def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: float, weight_decay: float,
            bc1, bc2, bcr, q_rows: torch.Tensor | None = None, row_lens="tensor", alpha: float = 1.0,
            softness: float = 1.0, c: float | None = None, mask: str = "snr", signal: str = "ema",
-           noise_scale: float = 1.0, anchors=None, gate_open: bool = False, want_stats: bool = False,
+           noise_scale=1.0, anchors=None, gate_open=False, want_stats: bool = False,
            num_threads: int | None = None):
     """Pass 2: the gated update from the moments :func:`moments` left (m, v, s are only read).
 
     q_rows: fp32 tensor with one gate per row of row_lens (as :func:`moments` laid them out);
-    with q_rows=None (and row_lens=None) the gate is the element mask, with gate_open=True it is 1.
+    with q_rows=None the gate is the element mask; q = 1 where gate_open (a bool, or one per tensor:
+    those tensors' q_rows entries are then ignored). Scalars as for :func:`step`.
     grads is read only for signal="step" (may be None otherwise). Returns the statistics when
     want_stats (their mu2/sig2 terms are per element), else None.
     """
-    if q_rows is None:
+    if q_rows is None or gate_open is True:  # no row gates (element mask, or all open)
         row_lens = None
     return _run(_PASS_UPDATE, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors=anchors,
-                row_lens=None if gate_open else row_lens, q_rows=q_rows, lr=lr, eps=eps,
+                row_lens=row_lens, q_rows=q_rows, lr=lr, eps=eps,
                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, bcr=bcr, alpha=alpha, softness=softness, c=c,
                 mask=mask, signal=signal, noise_scale=noise_scale, gate_open=gate_open, want_stats=want_stats,
                 num_threads=num_threads)
@@ -496,16 +510,19 @@ def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: fl
 
 def gate(sums: torch.Tensor, *, mask: str = "snr", alpha: float = 1.0, softness: float = 1.0,
          c: float | None = None) -> torch.Tensor:
-    """One gate per row from :func:`moments`' (rows, 2) sums, in float64, as a float32 tensor."""
+    """One gate per row from :func:`moments`' (rows, 2) sums, as a float32 tensor.
+
+    As the optimizer's oracle does: the sums rounded to fp32, the mask in fp32.
+    """
     _choice("mask", mask, _MASKS)
     alpha, softness = min(float(alpha), _FP32_MAX), min(float(softness), _FP32_MAX)
     c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
-    mu2, sig2 = sums[:, 0].double(), sums[:, 1].double()
+    mu2, sig2 = sums[:, 0].float(), sums[:, 1].float()
     if mask == "snr":
         q = mu2 / (mu2 + c * sig2).clamp_min(_TINY)
     elif mask == "soft":
         e = (mu2 - alpha * sig2).clamp_min(0.0)
         q = e / (e + softness * sig2).clamp_min(_TINY)
     else:
-        q = (mu2 > alpha * sig2).double()
-    return q.float().contiguous()
+        q = (mu2 > alpha * sig2).float()
+    return q.contiguous()

@@ -7,6 +7,7 @@ Everything runs on CPU with the tiny Llama and the synthetic preference task of 
 import copy
 import functools
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -416,3 +417,23 @@ def test_ddp_two_ranks_pool_across_ranks(tmp_path):
     for key in ("eval_rewards/drift", "eval_noise/flipped_fit", "eval_noise/clean_fit"):
         assert result["eval"][key] == pytest.approx(result["expected"][key], rel=1e-4, abs=1e-6), key
     assert all(k in result["last_train_log"] for k in [*DPO_METRICS, *SNR_TRAIN_KEYS])
+
+
+def test_decay_to_init_anchors_on_the_reference_weights(tmp_path, caplog):
+    """decay_to='init' with a reference model: the decay pulls toward the reference's own tensors (no copy)."""
+    train, _ = task(NOISE)
+    args = make_args(tmp_path, optim_args="decay_to=init,warmup_steps=1", weight_decay=0.5, max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="hf_snr"):
+        trainer = make_trainer(args, train)
+        trainer.train()
+    opt = unwrap_optimizer(trainer.optimizer)
+    ref = dict(trainer.ref_model.named_parameters())
+    policy = dict(trainer.model.named_parameters())
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    assert decayed
+    for g in decayed:
+        for p in g["params"]:
+            name = next(n for n, q in policy.items() if q is p)
+            assert opt._anchors[p] is not None and opt._anchors[p].data_ptr() == ref[name].data_ptr()
+            assert "param_init" not in opt.state[p]
+    assert "anchors" in caplog.text and "reference model's weights" in caplog.text

@@ -32,7 +32,7 @@ def ref_moments(g, m, v, s, sq, hp, variance):
         d = gf - m                                        # m: the previous, uncorrected first moment
         s32.mul_(hp["rho"]).addcmul_(d, d, value=1 - hp["rho"])
     else:
-        est = torch.addcmul(sq * hp["sq_scale"], gf, gf, value=-hp["g2_scale"]).clamp_min(0.0)
+        est = (sq * hp["sq_scale"] - gf * gf * hp["g2_scale"]).clamp_min_(0.0)
         s32.mul_(hp["rho"]).add_(est, alpha=1 - hp["rho"])
         sq.zero_()
     s.copy_(s32)                                          # bf16 s: rounded to nearest even
@@ -58,8 +58,8 @@ def ref_mask(kind, mu2, sig2, hp):
     return (mu2 > alpha * sig2).to(mu2.dtype)
 
 
-def ref_gate(kind, sum_mu2, sum_sig2, hp):  # the row / tensor gate, from float64 sums
-    return ref_mask(kind, sum_mu2, sum_sig2, hp).float()
+def ref_gate(kind, sum_mu2, sum_sig2, hp):  # the row / tensor gate: the sums rounded to fp32, the mask in fp32
+    return ref_mask(kind, sum_mu2.float(), sum_sig2.float(), hp)
 
 
 def ref_update(p, m_hat, v, q, p0, hp, t):
@@ -70,7 +70,7 @@ def ref_update(p, m_hat, v, q, p0, hp, t):
     if p0 is None:
         p32.mul_(1 - lr * wd)
     else:
-        p32.lerp_(p0.float(), lr * wd)                    # p - lr wd (p - p0)
+        p32.sub_(p32 - p0.float(), alpha=lr * wd)         # decay toward p0
     p32.addcdiv_(q * m_hat, denom, value=-lr)
     p.copy_(p32)
     return denom
@@ -182,7 +182,7 @@ def run_reference(gr, hp, *, mask="snr", signal="ema", variance="ema", gate_open
             srows = sig2.reshape(rows.shape)
             sm, ss = rows.double().sum(1), srows.double().sum(1)
             qr = ref_gate(mask, sm, ss, hp)
-            k = kinks(mask, sm, ss, hp)
+            k = kinks(mask, sm.float(), ss.float(), hp)
             q = qr[:, None].expand(rows.shape).reshape(mu2.shape)
             kink.append(k[:, None].expand(rows.shape).reshape(mu2.shape))
         denom = ref_update(p, m_hat, gr["v"][i], q, gr["p0"][i] if gr["p0"] else None, hp, t)
@@ -252,21 +252,43 @@ def test_without_stats_and_plain_values():
     compare(gr, ref, kink)
 
 
-def test_per_tensor_bias_corrections():
-    """Tensors whose step counts differ (a parameter that missed steps) take one (bc1, bc2, bcr) each."""
-    groups = [make_group([(n,)], seed=3 + i, t=t) for i, (n, t) in enumerate(zip(SIZES, (2, 5, 9, 30)))]
+def test_per_tensor_scalars():
+    """Tensors at different steps (a parameter that missed steps, a warm start) take their own bc1, bc2,
+    bcr, noise_scale and gate_open."""
+    ts, nss, opens = (2, 5, 9, 30), (1.0, 0.3, 0.7, 2.0), (True, False, False, True)
+    groups = [make_group([(n,)], seed=3 + i, t=t) for i, (n, t) in enumerate(zip(SIZES, ts))]
     refs = [clone(g) for g in groups]
     rs = torch.zeros(5, dtype=torch.float64)
-    for r in refs:
-        rs += run_reference(r, HP, mask="snr")[0]
+    for r, ns, op in zip(refs, nss, opens):
+        rs += run_reference(r, dict(HP, noise_scale=ns), mask="snr", gate_open=op)[0]
     cat = {k: [x for g in groups for x in g[k]] for k in ("p", "g", "m", "v", "s")}
     hp = kernel_hp(HP, 1)
-    ts = [g["t"] for g in groups]
-    hp.update(bc1=[bias(t, HP)[0] for t in ts], bc2=[bias(t, HP)[1] for t in ts], bcr=[bias(t, HP)[2] for t in ts])
-    st = fused_cpu.step(cat["p"], cat["g"], cat["m"], cat["v"], cat["s"], **hp, want_stats=True)
+    hp.update(bc1=[bias(t, HP)[0] for t in ts], bc2=[bias(t, HP)[1] for t in ts], bcr=[bias(t, HP)[2] for t in ts],
+              noise_scale=nss)
+    st = fused_cpu.step(cat["p"], cat["g"], cat["m"], cat["v"], cat["s"], **hp, gate_open=opens, want_stats=True)
     for g, r in zip(groups, refs):
         compare(g, r, [torch.zeros(x.shape, dtype=torch.bool) for x in r["p"]])
     torch.testing.assert_close(torch.tensor(st, dtype=torch.float64), rs, rtol=1e-6, atol=0.0)
+
+
+def test_per_tensor_gate_open_two_pass():
+    """update() with row gates where some tensors are open: their q_rows entries are ignored."""
+    opens = [False, True, False, True, False]
+    gr = make_group(SHAPES_2D, seed=11, noise_scales=[1e-3, 1e-2, 3e-2, 0.1, 0.3])
+    ref = clone(gr)
+    hp = dict(HP, alpha=0.05)
+    khp = kernel_hp(hp, gr["t"])
+    sums = fused_cpu.moments(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], beta1=hp["beta1"], beta2=hp["beta2"],
+                             rho=hp["rho"], bc1=khp["bc1"], bcr=khp["bcr"], row_lens="row",
+                             noise_scale=hp["noise_scale"])
+    q = fused_cpu.gate(sums, mask="soft", alpha=hp["alpha"], softness=hp["softness"])
+    fused_cpu.update(gr["p"], None, gr["m"], gr["v"], gr["s"], q_rows=q, row_lens="row", gate_open=opens, mask="soft",
+                     **{k: khp[k] for k in ("lr", "eps", "weight_decay", "bc1", "bc2", "bcr", "alpha", "softness",
+                                            "noise_scale")})
+    for i, op in enumerate(opens):
+        one = {k: ([v[i]] if isinstance(v, list) else v) for k, v in ref.items()}
+        _, kink = run_reference(one, hp, mask="soft", gate_open=op, reduce="row")
+        close_p(gr["p"][i], one["p"][0], ~kink[0])
 
 
 # -- two passes: row and whole-tensor gates ----------------------------------------------------------

@@ -505,3 +505,72 @@ def test_bf16_on_cpu_keeps_fp32_state(tmp_path, model_dtype):
         assert not torch.equal(p.detach(), before[n]), n
         assert torch.isfinite(p.detach().float()).all(), n
     _assert_snr_logs(trainer, [1, 2, 3])
+
+
+# -- switching optimizers on resume, micro-batch variance, reporters -------------------------------------
+
+def test_resume_from_an_adamw_checkpoint_with_snr_adamw(tmp_path, caplog):
+    """A user trains with AdamW, changes optim to snr_adamw and resumes: the moments carry over, exp_var starts
+    fresh with the gate open for its warm-up, and a log line says so."""
+    def make(out, optim, optim_args=None):
+        args = train_args(out, optim=optim, optim_args=optim_args, per_device_train_batch_size=2, max_steps=10,
+                          save_strategy="steps", save_steps=5, logging_steps=1)
+        return Trainer(model=tiny_llama(seed=0), args=args, train_dataset=token_dataset(8))
+
+    first = make(tmp_path / "a", "adamw_torch")
+    first.train()
+    adamw_state = torch.load(tmp_path / "a" / "out" / "checkpoint-5" / "optimizer.pt", weights_only=False)
+    resumed = make(tmp_path / "b", "snr_adamw", "mask=snr,warmup_steps=2")
+    with caplog.at_level(logging.WARNING, logger="hf_snr"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-5"))
+    assert "without exp_var" in caplog.text
+    opt = snr(resumed)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(opt.state[p]["step"].item() == 10 and opt.state[p]["exp_var_start"].item() == 5 for p in params)
+    assert all(torch.count_nonzero(opt.state[p]["exp_var"]) > 0 for p in params)
+    logs = {h["step"]: h for h in train_logs(resumed)}
+    assert logs[6]["snr/mask_mean"] == 1.0 and logs[7]["snr/mask_mean"] == 1.0  # the gate's warm-up: open
+    assert logs[10]["snr/mask_mean"] < 1.0
+    # the moments were continued, not restarted: step 6's exp_avg_sq builds on the AdamW checkpoint's
+    assert len(adamw_state["state"]) == len(params)
+
+
+def test_microbatch_variance_sees_every_micro_batch_through_the_trainer(tmp_path):
+    counts = []
+
+    class Count(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            counts.append(unwrap_optimizer(optimizer).last_microbatch_count)
+
+    args = train_args(tmp_path, optim="snr_adamw", optim_args="variance=microbatch,noise=ema,warmup_steps=1",
+                      per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=3)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(12), callbacks=[Count()])
+    trainer.train()
+    assert counts == [4, 4, 4]
+    _assert_snr_logs(trainer, [1, 2, 3])
+
+
+def test_microbatch_variance_is_refused_when_the_arguments_are_built(tmp_path):
+    with pytest.raises(ValueError, match=r"variance='microbatch' needs k >= 2 .*gradient_accumulation_steps=1"):
+        train_args(tmp_path, optim="snr_adamw", optim_args="variance=microbatch")
+
+
+def test_snr_metrics_reach_tensorboard_event_files(tmp_path):
+    """A reporter's view: TensorBoard's own reader finds the snr/* scalars in the event files the Trainer wrote."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = train_args(tmp_path, optim="snr_adamw", optim_args="warmup_steps=1", max_steps=4, logging_steps=2,
+                      report_to=["tensorboard"])
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset(16))
+    trainer.train()
+    files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert files, list(tmp_path.rglob("*"))
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in SNR_KEYS:
+        assert f"train/{key}" in tags, (key, sorted(tags))
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [2, 4]
+    logged = {h["step"]: h for h in train_logs(trainer)}
+    assert acc.Scalars("train/snr/mask_mean")[-1].value == pytest.approx(logged[4]["snr/mask_mean"], rel=1e-6)
