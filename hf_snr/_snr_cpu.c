@@ -239,8 +239,10 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
                 V[i] = fma_(omb2 * gi, gi, V[i] * beta2);
             }
     } else if (A->s_bf16) {
-        const uint16_t *restrict Sh = (const uint16_t *)P[P_S * T + k] + off;
-        for (int i = 0; i < n; i++) sbuf[i] = bf2f(Sh[i]);
+        if (need_musig) { /* otherwise s is not read at all */
+            const uint16_t *restrict Sh = (const uint16_t *)P[P_S * T + k] + off;
+            for (int i = 0; i < n; i++) sbuf[i] = bf2f(Sh[i]);
+        }
         S = sbuf;
     } else {
         S = (const float *)P[P_S * T + k] + off;
