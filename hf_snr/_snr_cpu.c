@@ -15,8 +15,9 @@
  * equal contiguous ranges (nparts = the requested thread count, fewer for small N). Each range is
  * walked in blocks of at most BLK elements that never cross a tensor or row boundary; a block runs
  * a few short vectorizable loops over L1-resident scratch buffers. Sums (statistics, row sums) are
- * accumulated in double, per range, in 8 fixed lanes, and the ranges' partials are combined in
- * range order after the parallel region: the result depends on nparts only, not on scheduling.
+ * accumulated in double, per range, in 16 fixed lanes (counts in integers), and the ranges'
+ * partials are combined in range order after the parallel region: the result depends on nparts
+ * (the thread count and N) only, not on scheduling. The elementwise results depend on nothing.
  */
 #include <float.h>
 #include <math.h>
@@ -90,7 +91,8 @@ static inline float fma_(float a, float b, float c)
 #ifdef __FMA__
     return fmaf(a, b, c);
 #else
-    return (float)((double)a * (double)b + (double)c); /* exact product; one (double) rounding */
+    return (float)((double)a * (double)b + (double)c); /* exact product; the sum rounded twice, which
+                                                           rarely differs from fmaf by an ulp */
 #endif
 }
 
@@ -154,8 +156,8 @@ static inline double lanes_sum(const double *l)
  * qrow: the row's gate (rows mode, PASS_UPDATE). rs: where to add the block's mu2/sig2 sums. */
 static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qrow, double *rs, part_acc *acc)
 {
-    /* one scratch area, the buffers BLK + PAD floats apart: equal offsets modulo 4 KiB would make
-     * loads wait on unrelated stores ("4K aliasing"), which costs more than the whole block */
+    /* one scratch area, the buffers BLK + PAD floats apart (staggered modulo 4 KiB against "4K
+     * aliasing" between them; no measurable effect at BLK = 128, kept as cheap insurance) */
     float scratch[7 * (BLK + PAD)] __attribute__((aligned(64)));
     float *const gbuf = scratch, *const sbuf = gbuf + BLK + PAD, *const mh = sbuf + BLK + PAD,
                 *const mu2 = mh + BLK + PAD, *const sig2 = mu2 + BLK + PAD, *const q = sig2 + BLK + PAD,
@@ -440,9 +442,13 @@ int snr_run(const snr_args *A)
 #pragma omp parallel num_threads((int)nparts)
         {
             const int64_t nth = omp_get_num_threads();
-            for (int64_t t = omp_get_thread_num(); t < nparts; t += nth)
+            for (int64_t t = omp_get_thread_num(); t < nparts; t += nth) {
+                part_acc local; /* on this thread's stack: no false sharing of acc[] */
+                memset(&local, 0, sizeof local);
                 run_range(A, prefix, N / nparts * t + (N % nparts) * t / nparts,
-                          N / nparts * (t + 1) + (N % nparts) * (t + 1) / nparts, &acc[t]);
+                          N / nparts * (t + 1) + (N % nparts) * (t + 1) / nparts, &local);
+                acc[t] = local;
+            }
         }
 #else
         for (int64_t t = 0; t < nparts; t++)

@@ -504,3 +504,19 @@ def test_empty_lists_and_empty_tensors():
     sums = fused_cpu.moments(z, [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)], beta1=0.9,
                              beta2=0.99, rho=0.9, bc1=0.5, bcr=0.5, row_lens="tensor")
     assert sums.tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("mask", ["snr", "soft", "hard"])
+def test_non_finite_gradients_propagate_like_torch(mask):
+    """nonfinite='propagate': inf/nan in g reach m, v, s and p exactly where the torch reference puts them."""
+    gr = make_group([(n,) for n in SIZES], seed=12)
+    gr["g"][2][3], gr["g"][2][7], gr["g"][3][100] = float("nan"), float("inf"), -float("inf")
+    ref = clone(gr)
+    run_reference(ref, HP, mask=mask)
+    fused_cpu.step(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], **kernel_hp(HP, gr["t"]), mask=mask)
+    for k in ("p", "m", "v", "s"):
+        for a, b in zip(gr[k], ref[k]):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), k
+            fin = a.isfinite() & b.isfinite()
+            torch.testing.assert_close(a[fin], b[fin], rtol=2e-6, atol=1e-7)
+    assert not gr["p"][2][3].isfinite()
