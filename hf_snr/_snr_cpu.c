@@ -31,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define SNR_ABI 2
+#define SNR_ABI 3
 #ifndef PAD
 #define PAD 16
 #endif
@@ -60,7 +60,8 @@ typedef struct {
     void *const *ptrs;           /* P_COUNT arrays of ntensors pointers, back to back; NULL = absent */
     const int64_t *numel;        /* ntensors */
     const int64_t *row_len;      /* ntensors; used when rows != 0 (whole tensor: numel) */
-    const int64_t *row_off;      /* ntensors + 1: first row of each tensor in q_rows / row_sums */
+    const int64_t *row_off;      /* ntensors: first row of each tensor in q_rows / row_sums */
+    const int64_t *nrows;        /* ntensors: its number of rows */
     const float *tsc;            /* per-tensor scalars of tensor k at tsc[k * tsc_stride + 0..4]: bc1 = 1 - beta1^t,
                                     bc2 = 1 - beta2^t, bcr = 1 - rho^t, noise_scale, gate open (1) or not (0) */
     int64_t tsc_stride;          /* 5: one set per tensor; 0: one shared set */
@@ -425,7 +426,8 @@ int snr_run(const snr_args *A)
     if (A->pass == PASS_MOMENTS && A->rows)
         for (int64_t k = 0; k < T; k++)
             if (A->numel[k] == 0)
-                for (int64_t r = A->row_off[k]; r < A->row_off[k + 1]; r++) A->row_sums[2 * r] = A->row_sums[2 * r + 1] = 0.0;
+                for (int64_t r = A->row_off[k]; r < A->row_off[k] + A->nrows[k]; r++)
+                    A->row_sums[2 * r] = A->row_sums[2 * r + 1] = 0.0;
 
     int64_t nparts = A->nthreads < 1 ? 1 : A->nthreads;
     if (nparts > MAX_PARTS) nparts = MAX_PARTS;

@@ -54,7 +54,7 @@ import torch
 __all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
-_ABI = 2
+_ABI = 3
 _BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # Tried in order: the fast build, then one without -march=native / OpenMP (e.g. a compiler that
 # lacks them); the chosen flags are part of the cache key.
@@ -80,6 +80,7 @@ class _Args(ctypes.Structure):
         ("numel", ctypes.c_void_p),
         ("row_len", ctypes.c_void_p),
         ("row_off", ctypes.c_void_p),
+        ("nrows", ctypes.c_void_p),
         ("tsc", ctypes.c_void_p),
         ("tsc_stride", ctypes.c_int64),
         ("q_rows", ctypes.c_void_p),
@@ -215,13 +216,20 @@ _is_cpu = torch.Tensor.is_cpu.__get__
 _F32, _BF16 = torch.float32, torch.bfloat16
 _plans: dict = {}
 _MAX_PLANS = 64
+_DUMMY = (ctypes.c_double * 2)()  # a valid address for zero rows
+
+
+class _Sub:
+    """The tensors of one dtype signature (p/g, s, p0): one kernel call."""
+    __slots__ = ("idx", "numel_arr", "row_len_arr", "row_off_arr", "nrows_arr", "p_bf16", "s_bf16", "p0_bf16")
 
 
 class _Plan:
-    __slots__ = ("numels", "numel_arr", "row_len_arr", "row_off_arr", "rows", "pdtype", "s_bf16", "p0_bf16")
+    __slots__ = ("numels", "pdtype", "pdtypes", "has_rows", "rows", "subs")
 
 
 def _check_list(name, ts, n, dtypes, numels):
+    """Check a list of tensors; returns their dtypes."""
     if ts is None or len(ts) != n:
         raise ValueError(f"fused_cpu: {name} must be a list of {n} tensors (got {None if ts is None else len(ts)})")
     for i, t in enumerate(ts):
@@ -229,36 +237,37 @@ def _check_list(name, ts, n, dtypes, numels):
             raise ValueError(f"fused_cpu: {name}[{i}] is {type(t).__name__}, not a tensor")
         if t.device.type != "cpu":
             raise ValueError(f"fused_cpu: {name}[{i}] is on {t.device}, expected a CPU tensor")
-        if t.dtype not in dtypes:
+        wanted = dtypes[i] if isinstance(dtypes, list) else dtypes
+        if t.dtype not in wanted:
             raise ValueError(f"fused_cpu: {name}[{i}] has dtype {t.dtype}, expected "
-                             f"{' or '.join(str(d) for d in dtypes)}")
+                             f"{' or '.join(str(d) for d in wanted)}")
+        if t.layout != torch.strided or t.is_quantized:
+            raise ValueError(f"fused_cpu: {name}[{i}] must be a dense tensor")
         if not t.is_contiguous():
             raise ValueError(f"fused_cpu: {name}[{i}] is not contiguous (shape {tuple(t.shape)}, "
                              f"stride {t.stride()})")
         if numels is not None and t.numel() != numels[i]:
             raise ValueError(f"fused_cpu: {name}[{i}] has {t.numel()} elements, its parameter {numels[i]}")
-        if t.is_sparse or t.is_quantized:
-            raise ValueError(f"fused_cpu: {name}[{i}] must be a dense tensor")
-    kinds = {t.dtype for t in ts}
-    if len(kinds) > 1:
-        raise ValueError(f"fused_cpu: {name} mixes dtypes {sorted(map(str, kinds))}; call once per dtype")
-    return kinds.pop() if kinds else None
+    return [t.dtype for t in ts]
 
 
-def _row_lens(row_lens, params, numels):
+def _rows(row_lens, params, numels):
+    """(row length, number of rows) per tensor."""
     if isinstance(row_lens, str):
         if row_lens == "tensor":
-            return list(numels)
-        if row_lens == "row":
-            return [n // p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else n for p, n in zip(params, numels)]
-        raise ValueError(f"fused_cpu: row_lens must be 'tensor', 'row' or a list of ints, not {row_lens!r}")
+            nrows = [1] * len(numels)
+        elif row_lens == "row":  # as the optimizer's oracle: x.reshape(x.shape[0], -1) for 2+ dims
+            nrows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
+        else:
+            raise ValueError(f"fused_cpu: row_lens must be 'tensor', 'row' or a list of ints, not {row_lens!r}")
+        return [n // r if r else 0 for n, r in zip(numels, nrows)], nrows
     rl = [int(r) for r in row_lens]
     if len(rl) != len(numels):
         raise ValueError(f"fused_cpu: row_lens has {len(rl)} entries for {len(numels)} tensors")
     for i, (r, n) in enumerate(zip(rl, numels)):
         if r <= 0 and n > 0 or r > 0 and n % r != 0:
             raise ValueError(f"fused_cpu: row_lens[{i}] = {r} does not divide the tensor's {n} elements")
-    return rl
+    return rl, [n // r if r > 0 else 0 for n, r in zip(numels, rl)]
 
 
 def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs, with_numels):
@@ -266,7 +275,8 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
 
     The gradients change every step and are checked on every call (:func:`_grads_ok`), their
     numels against the plan's: a parameter resized in place re-validates the group. A call without
-    gradients (``with_numels``) keys on the parameters' numels instead.
+    gradients (``with_numels``) keys on the parameters' numels instead. Tensors are grouped by
+    dtype signature (p and g, s, p0): one kernel call each, in order of first appearance.
     """
     key = (ptrs, row_lens if row_lens is None or isinstance(row_lens, str) else tuple(row_lens),
            array("q", map(_numel, params)).tobytes() if with_numels else None)
@@ -275,28 +285,43 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
         return plan
     numels = list(map(_numel, params))
     n = len(params)
-    pdtype = _check_list("params", params, n, (_F32, _BF16), None)
+    pd = _check_list("params", params, n, (_F32, _BF16), None)
     _check_list("exp_avgs", exp_avgs, n, (_F32,), numels)
     _check_list("exp_avg_sqs", exp_avg_sqs, n, (_F32,), numels)
-    sdtype = _check_list("exp_vars", exp_vars, n, (_F32, _BF16), numels)
-    p0dtype = _check_list("anchors", anchors, n, (_F32, _BF16), numels) if anchors is not None else None
+    sd = _check_list("exp_vars", exp_vars, n, (_F32, _BF16), numels)
+    p0d = _check_list("anchors", anchors, n, (_F32, _BF16), numels) if anchors is not None else [None] * n
     if sq_sums is not None:
         _check_list("sq_sums", sq_sums, n, (_F32,), numels)
     plan = _Plan()
     plan.numels = numels
-    plan.numel_arr = array("q", numels)
-    plan.pdtype = pdtype
-    plan.s_bf16 = int(sdtype == _BF16)
-    plan.p0_bf16 = int(p0dtype == _BF16)
+    plan.pdtypes = pd
+    plan.pdtype = pd[0] if len(set(pd)) == 1 else None
+    plan.has_rows = row_lens is not None
     if row_lens is not None:
-        rl = _row_lens(row_lens, params, numels)
+        rl, nrows = _rows(row_lens, params, numels)
         off = [0]
-        for r, num in zip(rl, numels):
-            off.append(off[-1] + (num // r if r > 0 else 1))
-        plan.row_len_arr, plan.row_off_arr, plan.rows = array("q", rl), array("q", off), off[-1]
+        for r in nrows:
+            off.append(off[-1] + r)
+        plan.rows = off[-1]
     else:
-        plan.row_len_arr = plan.row_off_arr = None
+        rl = nrows = off = None
         plan.rows = 0
+    sigs: dict = {}
+    for i in range(n):
+        sigs.setdefault((pd[i] == _BF16, sd[i] == _BF16, p0d[i] == _BF16), []).append(i)
+    plan.subs = []
+    for (pb, sb, p0b), idx in sigs.items():
+        sub = _Sub()
+        sub.idx = None if len(idx) == n else idx
+        sub.numel_arr = array("q", [numels[i] for i in idx])
+        if rl is not None:
+            sub.row_len_arr = array("q", [rl[i] for i in idx])
+            sub.row_off_arr = array("q", [off[i] for i in idx])
+            sub.nrows_arr = array("q", [nrows[i] for i in idx])
+        else:
+            sub.row_len_arr = sub.row_off_arr = sub.nrows_arr = None
+        sub.p_bf16, sub.s_bf16, sub.p0_bf16 = int(pb), int(sb), int(p0b)
+        plan.subs.append(sub)
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
     _plans[key] = plan
@@ -307,8 +332,11 @@ def _grads_ok(grads, plan, n):
     if grads is None or len(grads) != n:
         raise ValueError(f"fused_cpu: grads must be a list of {n} tensors")
     try:
-        return (all(map(_is_cpu, grads)) and all(map(_contig, grads))
-                and set(map(_dtype, grads)) <= {plan.pdtype} and list(map(_numel, grads)) == plan.numels)
+        if not (all(map(_is_cpu, grads)) and all(map(_contig, grads)) and list(map(_numel, grads)) == plan.numels):
+            return False
+        if plan.pdtype is not None:
+            return set(map(_dtype, grads)) <= {plan.pdtype}
+        return list(map(_dtype, grads)) == plan.pdtypes
     except TypeError:  # not a tensor
         return False
 
@@ -384,13 +412,18 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
                          sq_sums if use_sq else None, row_lens, key, False)
             if not _grads_ok(grads, plan, n):
-                _check_list("grads", grads, n, (plan.pdtype,), plan.numels)  # names the culprit
+                _check_list("grads", grads, n, [(d,) for d in plan.pdtypes], plan.numels)  # names the culprit
                 raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
         ptrs.extend(map(_ptr, grads))
     else:
         ptrs.frombytes(bytes(8 * n))
     tsc, tsc_stride = _tensor_scalars(bc1, bc2, bcr, noise_scale, gate_open, n)
 
+    if plan.has_rows and pass_ == _PASS_UPDATE:
+        if (not isinstance(q_rows, torch.Tensor) or q_rows.dtype != _F32 or q_rows.device.type != "cpu"
+                or not q_rows.is_contiguous() or q_rows.numel() != plan.rows):
+            raise ValueError(f"fused_cpu: q_rows must be a contiguous CPU float32 tensor of {plan.rows} "
+                             f"gates (one per row), got {_describe(q_rows)}")
     a = _Args()
     a.beta1, a.beta2, a.rho = beta1, beta2, rho
     a.omb1, a.omb2, a.omr = 1.0 - beta1, 1.0 - beta2, 1.0 - rho
@@ -401,38 +434,46 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     a.c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
     a.mb_a, a.mb_b = sq_scale, g2_scale
     a.pass_, a.mask, a.signal, a.variance = pass_, mask_k, signal_k, variance_k
-    a.decay = int(anchors is not None)
+    a.decay = int(use_p0)
     a.want_stats = int(bool(want_stats))
-    a.p_bf16, a.s_bf16, a.p0_bf16 = int(plan.pdtype == _BF16), plan.s_bf16, plan.p0_bf16
     a.nthreads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    a.ntensors = n
-    a.ptrs = ptrs.buffer_info()[0]
-    a.numel = plan.numel_arr.buffer_info()[0]
-    a.tsc = tsc.buffer_info()[0]
     a.tsc_stride = tsc_stride
     out = None
-    if plan.row_len_arr is not None:
+    if plan.has_rows:
         a.rows = 1
-        a.row_len = plan.row_len_arr.buffer_info()[0]
-        a.row_off = plan.row_off_arr.buffer_info()[0]
         if pass_ == _PASS_MOMENTS:
             out = torch.empty((plan.rows, 2), dtype=torch.float64)
-            a.row_sums = out.data_ptr()
+            a.row_sums = out.data_ptr() if plan.rows else ctypes.addressof(_DUMMY)
         else:
-            if (not isinstance(q_rows, torch.Tensor) or q_rows.dtype != _F32 or q_rows.device.type != "cpu"
-                    or not q_rows.is_contiguous() or q_rows.numel() != plan.rows):
-                raise ValueError(f"fused_cpu: q_rows must be a contiguous CPU float32 tensor of {plan.rows} "
-                                 f"gates (one per row), got {_describe(q_rows)}")
-            a.q_rows = q_rows.data_ptr()
+            a.q_rows = q_rows.data_ptr() if plan.rows else ctypes.addressof(_DUMMY)
     stats = (ctypes.c_double * 5)() if want_stats else None
     if stats is not None:
         a.stats = ctypes.addressof(stats)
-    rc = lib.snr_run(ctypes.byref(a))
-    if rc != 0:
-        raise RuntimeError(f"fused_cpu: the kernel rejected its arguments (code {rc})")
+    total = [0.0] * 5
+    for sub in plan.subs:
+        if sub.idx is None:
+            sptrs, stsc, a.ntensors = ptrs, tsc, n
+        else:  # a mixed-dtype group: this signature's tensors
+            idx = sub.idx
+            sptrs = array("Q", [ptrs[j * n + i] for j in range(7) for i in idx])
+            stsc = array("f", [tsc[5 * i + c] for i in idx for c in range(5)]) if tsc_stride else tsc
+            a.ntensors = len(idx)
+        a.ptrs = sptrs.buffer_info()[0]
+        a.numel = sub.numel_arr.buffer_info()[0]
+        a.tsc = stsc.buffer_info()[0]
+        if a.rows:
+            a.row_len = sub.row_len_arr.buffer_info()[0]
+            a.row_off = sub.row_off_arr.buffer_info()[0]
+            a.nrows = sub.nrows_arr.buffer_info()[0]
+        a.p_bf16, a.s_bf16, a.p0_bf16 = sub.p_bf16, sub.s_bf16, sub.p0_bf16
+        rc = lib.snr_run(ctypes.byref(a))
+        if rc != 0:
+            raise RuntimeError(f"fused_cpu: the kernel rejected its arguments (code {rc})")
+        if stats is not None:
+            total = [x + y for x, y in zip(total, stats)]
     if pass_ == _PASS_MOMENTS:
         return out
-    return tuple(stats) if stats is not None else None
+    return tuple(total) if stats is not None else None
 
 
 def _describe(t):

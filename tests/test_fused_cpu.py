@@ -291,6 +291,48 @@ def test_per_tensor_gate_open_two_pass():
         close_p(gr["p"][i], one["p"][0], ~kink[0])
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_mixed_dtype_group(two_pass):
+    """A group mixing dtype signatures (p/g, s, p0) runs one kernel call per signature: the same results as
+    separate calls, row gates laid out in the group's tensor order."""
+    shapes = [(3, 5), (7,), (4, 129), (1023,), (2, 2), (5,)]
+    sigs = [(F32, F32), (BF16, F32), (F32, BF16), (BF16, BF16), (F32, F32), (BF16, F32)]
+    parts = [make_group([sh], pd, sd, seed=20 + i, anchors=True) for i, (sh, (pd, sd)) in enumerate(zip(shapes, sigs))]
+    for i in (1, 4):  # anchors of another dtype than the parameter
+        parts[i]["p0"] = [parts[i]["p0"][0].to(F32 if parts[i]["p0"][0].dtype == BF16 else BF16)]
+    sep = [clone(g) for g in parts]
+    cat = {k: [g[k][0] for g in parts] for k in ("p", "g", "m", "v", "s", "p0")}
+    khp = kernel_hp(HP, parts[0]["t"])
+    upd = {k: khp[k] for k in ("lr", "eps", "weight_decay", "bc1", "bc2", "bcr", "alpha", "softness", "noise_scale")}
+    mom = dict(beta1=HP["beta1"], beta2=HP["beta2"], rho=HP["rho"], bc1=khp["bc1"], bcr=khp["bcr"],
+               noise_scale=HP["noise_scale"])
+    if two_pass:
+        sums = fused_cpu.moments(cat["p"], cat["g"], cat["m"], cat["v"], cat["s"], **mom, row_lens="row")
+        q = fused_cpu.gate(sums, alpha=HP["alpha"], softness=HP["softness"])
+        st = fused_cpu.update(cat["p"], None, cat["m"], cat["v"], cat["s"], q_rows=q, row_lens="row",
+                              anchors=cat["p0"], want_stats=True, **upd)
+        exp_sums, exp_st = [], torch.zeros(5, dtype=torch.float64)
+        for g in sep:
+            s1 = fused_cpu.moments(g["p"], g["g"], g["m"], g["v"], g["s"], **mom, row_lens="row")
+            exp_sums.append(s1)
+            exp_st += torch.tensor(fused_cpu.update(
+                g["p"], None, g["m"], g["v"], g["s"], q_rows=fused_cpu.gate(s1, alpha=HP["alpha"],
+                                                                         softness=HP["softness"]),
+                row_lens="row", anchors=g["p0"], want_stats=True, **upd), dtype=torch.float64)
+        assert torch.equal(sums, torch.cat(exp_sums))
+    else:
+        st = fused_cpu.step(cat["p"], cat["g"], cat["m"], cat["v"], cat["s"], **khp, anchors=cat["p0"],
+                            want_stats=True)
+        exp_st = torch.zeros(5, dtype=torch.float64)
+        for g in sep:
+            exp_st += torch.tensor(fused_cpu.step(g["p"], g["g"], g["m"], g["v"], g["s"], **khp, anchors=g["p0"],
+                                                  want_stats=True), dtype=torch.float64)
+    for k in ("p", "m", "v", "s"):
+        for a, g in zip(cat[k], sep):
+            assert torch.equal(a, g[k][0]), k
+    torch.testing.assert_close(torch.tensor(st, dtype=torch.float64), exp_st, rtol=1e-12, atol=0.0)
+
+
 # -- two passes: row and whole-tensor gates ----------------------------------------------------------
 SHAPES_2D = [(1, 1), (3, 5), (7, 129), (33, 64), (1023,)]
 
@@ -443,8 +485,8 @@ def test_bad_tensors_raise_clear_errors():
         call(g=[gr["g"][0]])
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] is int"):
         call(v=[3, gr["v"][1]])
-    with pytest.raises(ValueError, match=r"params mixes dtypes"):
-        call(p=[gr["p"][0], gr["p"][1].bfloat16()], g=[gr["g"][0], gr["g"][1].bfloat16()])
+    with pytest.raises(ValueError, match=r"grads\[1\] has dtype torch.float32, expected torch.bfloat16"):
+        call(p=[gr["p"][0], gr["p"][1].bfloat16()])
     with pytest.raises(ValueError, match=r"mask must be one of"):
         fused_cpu.step(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], **khp, mask="nope")
     with pytest.raises(ValueError, match=r"needs sq_sums"):
@@ -520,3 +562,19 @@ def test_non_finite_gradients_propagate_like_torch(mask):
             fin = a.isfinite() & b.isfinite()
             torch.testing.assert_close(a[fin], b[fin], rtol=2e-6, atol=1e-7)
     assert not gr["p"][2][3].isfinite()
+
+
+def test_empty_rows_follow_the_oracle_layout():
+    """row_lens='row' takes shape[0] rows for 2+ dims (as x.reshape(x.shape[0], -1)), even when empty."""
+    shapes = [(3, 0), (0, 5), (2, 3), (4,)]
+    gr = make_group(shapes, seed=13)
+    sums = fused_cpu.moments(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], beta1=0.9, beta2=0.99, rho=0.9, bc1=0.5,
+                             bcr=0.5, row_lens="row")
+    assert sums.shape == (3 + 0 + 2 + 1, 2)
+    assert sums[:3].eq(0).all() and sums[3:].gt(0).all()
+    q = fused_cpu.gate(sums)
+    fused_cpu.update(gr["p"], None, gr["m"], gr["v"], gr["s"], q_rows=q, row_lens="row", lr=1e-3, eps=1e-8,
+                     weight_decay=0.0, bc1=0.5, bc2=0.5, bcr=0.5)
+    with pytest.raises(ValueError, match="q_rows must be .* of 6 gates"):
+        fused_cpu.update(gr["p"], None, gr["m"], gr["v"], gr["s"], q_rows=q[:5], row_lens="row", lr=1e-3, eps=1e-8,
+                         weight_decay=0.0, bc1=0.5, bc2=0.5, bcr=0.5)
