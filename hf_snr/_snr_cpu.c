@@ -8,7 +8,10 @@
  *   - x.mul_(a).addcmul_(y, y, value=b) is fma(b * y, y, x * a) (ATen's addcmul, as compiled),
  *   - x.add_(y, alpha=a) is fma(a, y, x),
  *   - p.addcdiv_(t1, t2, value=-lr) is p + (-lr * t1) / t2 (not fused),
- *   - x / scalar is a true division (ATen does not use the reciprocal for fp32).
+ *   - x / scalar is a true division (ATen does not use the reciprocal for fp32),
+ *   - sqrt is IEEE (correctly rounded). torch's CPU sqrt_ goes through MKL's VML, which is off by
+ *     one ulp on ~20% of elements, so p agrees with a torch oracle within a few ulps rather than
+ *     bit for bit (with an IEEE sqrt in the oracle: bit for bit); m, v, s agree bit for bit.
  * -ffp-contract=off keeps the compiler from fusing anything else.
  *
  * Work layout: the tensors of one call form one flat index space of N elements, cut into nparts
