@@ -14,7 +14,7 @@ torch's CPU kernels, so m, v, s equal the torch implementation bit for bit and p
 torch's CPU sqrt, from MKL's VML, is off by one ulp on ~20% of elements, the kernel's is IEEE)::
 
     variance "ema":        d = g - m ; s = rho s + (1 - rho) d^2            (m: the previous m)
-    variance "microbatch": s = rho s + (1 - rho) max(a sq - b g^2, 0) ; sq = 0
+    variance "microbatch": s = rho s + (1 - rho) max(sq a - g^2 b, 0) ; sq = 0   (a, b: sq_scale, g2_scale)
     m = lerp(m, g, 1 - beta1) ; v = beta2 v + (1 - beta2) g^2
     m_hat = m / bc1 ; mu2 = m_hat^2 ("ema") or g^2 ("step") ; sig2 = s / bcr * noise_scale
     q = 1 (gate_open) | q_rows[row] | mask(mu2, sig2)
@@ -23,13 +23,19 @@ torch's CPU sqrt, from MKL's VML, is off by one ulp on ~20% of elements, the ker
 bf16 parameters/gradients/variance/anchors are read as fp32 and stored rounded to nearest even;
 the variance's sig2 uses the stored (rounded) value, as a second pass reading it would.
 
-API (all tensors contiguous CPU tensors; one dtype combination per call, see :func:`step`):
+API (all tensors contiguous CPU tensors; a group that mixes dtype signatures, p/g x s x p0, runs
+one kernel call per signature; see :func:`step`):
 
 * :func:`step` — moments, element gate (or an open gate) and update, in one pass.
 * :func:`moments` + :func:`update` — the two passes of a row / whole-tensor gate: ``moments``
   updates s, m, v (and zeroes sq) and returns the per-row sums of mu2 and sig2; the caller turns
   them into one gate per row (:func:`gate` does it locally, after any all-reduce) and ``update``
   applies the gated step. ``update`` never touches m, v, s.
+
+Threads: the group's elements are cut into ``num_threads`` (default ``torch.get_num_threads()``)
+equal ranges, fewer for groups under 32768 elements a thread, run by OpenMP on torch's own libgomp
+(the one runtime in the process, so no oversubscription). Elementwise results never depend on
+the split; sums depend on the number of ranges only.
 
 Statistics (``want_stats=True``) come back as 5 Python floats, accumulated in double and
 deterministic for a given thread count: ``(mask_sum, mask_count, active_count, signal, noise)``
@@ -491,8 +497,9 @@ def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: fl
          gate_open=False, want_stats: bool = False, num_threads: int | None = None):
     """One fused SNRAdamW step (moments, element gate or open gate, update) over a list of tensors.
 
-    params: fp32 or bf16 tensors, updated in place (all of one dtype); grads: same dtype;
-    exp_avgs, exp_avg_sqs: fp32 m and v; exp_vars: fp32 or bf16 variance s (all of one dtype).
+    params: fp32 or bf16 tensors, updated in place; grads: each its parameter's dtype;
+    exp_avgs, exp_avg_sqs: fp32 m and v; exp_vars: fp32 or bf16 variance s. Each tensor may have
+    its own dtypes: the group is split into one kernel call per signature (p/g, s, anchor).
     bc1, bc2, bcr (1 - beta1^t, 1 - beta2^t, 1 - rho^t), noise_scale (a factor on sig2) and
     gate_open (q = 1: warm-up, plain AdamW): each a number shared by all tensors, or a sequence
     with one value per tensor (tensors at different steps).
