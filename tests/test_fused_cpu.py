@@ -578,3 +578,16 @@ def test_empty_rows_follow_the_oracle_layout():
     with pytest.raises(ValueError, match="q_rows must be .* of 6 gates"):
         fused_cpu.update(gr["p"], None, gr["m"], gr["v"], gr["s"], q_rows=q[:5], row_lens="row", lr=1e-3, eps=1e-8,
                          weight_decay=0.0, bc1=0.5, bc2=0.5, bcr=0.5)
+
+
+def test_parameter_version_is_bumped():
+    """Like an in-place op: a graph that saved the parameter refuses to backpropagate after the step."""
+    w = torch.randn(37, requires_grad=True)
+    y = (w * w).sum()
+    v0 = w._version
+    with torch.no_grad():
+        fused_cpu.step([w], [torch.ones(37)], [torch.zeros(37)], [torch.zeros(37)], [torch.zeros(37)],
+                       **kernel_hp(HP, 1))
+    assert w._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
