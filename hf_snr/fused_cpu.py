@@ -146,39 +146,51 @@ def _build(cc: str | None = None, cache_dir: str | None = None):
         ])).hexdigest()[:24]
         for folder in (cache_dir, os.path.join(tempfile.gettempdir(), f"hf_snr-{os.getuid()}")):
             path = os.path.join(folder, f"_snr_cpu-{key}.so")
-            if not os.path.exists(path):
-                try:
-                    os.makedirs(folder, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
-                    os.close(fd)
-                except OSError as e:
-                    errors.append(f"cache folder {folder}: {e}")
-                    continue
-                try:
-                    res = subprocess.run([exe, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True,
-                                         timeout=300)
-                    if res.returncode != 0:
-                        errors.append(f"{os.path.basename(exe)} {' '.join(flags)}: {res.stderr.strip()[-400:]}")
-                        break  # the same flags fail in any folder
-                    os.replace(tmp, path)
-                except (OSError, subprocess.SubprocessError) as e:
-                    errors.append(f"{os.path.basename(exe)} {' '.join(flags)}: {e}")
-                    continue
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+            if os.path.exists(path):
+                lib = _open(path, errors)
+                if lib is not None:
+                    return lib, path, None
+                # a broken cached file: build it again (another process may have replaced it already)
             try:
-                lib = ctypes.CDLL(path)
-                if lib.snr_abi() != _ABI:
-                    raise OSError(f"ABI {lib.snr_abi()} != {_ABI}")
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+                os.close(fd)
             except OSError as e:
-                errors.append(f"loading {path}: {e}")
-                continue
-            lib.snr_run.argtypes = [ctypes.POINTER(_Args)]
-            lib.snr_run.restype = ctypes.c_int
-            lib.snr_openmp.restype = ctypes.c_int
-            return lib, path, None
+                errors.append(f"cache folder {folder}: {e}")
+                continue  # an unwritable folder: try the next one
+            what = f"{os.path.basename(exe)} {' '.join(flags)}"
+            try:
+                res = subprocess.run([exe, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True,
+                                     timeout=300)
+                if res.returncode != 0 or os.path.getsize(tmp) == 0:
+                    errors.append(f"{what}: {res.stderr.strip()[-400:] or 'no output'}")
+                    break  # these flags fail in any folder
+                os.replace(tmp, path)  # atomic: a concurrent loader sees the old file or the new one
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(f"{what}: {e}")
+                break
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            lib = _open(path, errors)
+            if lib is not None:
+                return lib, path, None
+            break
     return None, None, "building the fused CPU kernel failed: " + " | ".join(errors)
+
+
+def _open(path, errors):
+    try:
+        lib = ctypes.CDLL(path)
+        if lib.snr_abi() != _ABI:
+            raise OSError(f"ABI {lib.snr_abi()} != {_ABI}")
+    except (OSError, AttributeError) as e:
+        errors.append(f"loading {path}: {e}")
+        return None
+    lib.snr_run.argtypes = [ctypes.POINTER(_Args)]
+    lib.snr_run.restype = ctypes.c_int
+    lib.snr_openmp.restype = ctypes.c_int
+    return lib
 
 
 def _load():

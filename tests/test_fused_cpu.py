@@ -534,6 +534,13 @@ def test_build_into_cache_folder(fresh_build, tmp_path):
     fused_cpu._reset()  # a second process: loads the cached file, does not rebuild
     mtime = os.stat(path).st_mtime_ns
     assert fused_cpu.available() and fused_cpu.library_path() == path and os.stat(path).st_mtime_ns == mtime
+    # a broken file in the cache (say, an empty one) is rebuilt, not reported forever
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / os.path.basename(path)).write_bytes(b"")
+    lib, path2, reason = fused_cpu._build(cache_dir=str(broken))
+    assert reason is None and path2 == str(broken / os.path.basename(path)) and os.path.getsize(path2) > 0
+    assert sorted(os.listdir(broken)) == [os.path.basename(path)]
 
 
 def test_empty_lists_and_empty_tensors():
