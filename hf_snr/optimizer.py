@@ -565,12 +565,12 @@ class SNRAdamW(Optimizer):
             self._stats_step, self._pending = step_now, None
         want_stats = self._stats_step == step_now and self._stats_step is not None
 
-        # One batched all-reduce of the per-tensor sums of every sharded tensor-reduction group (row sums are
-        # local: FSDP2 shards whole rows).
-        sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work)
-                   if ctx.get("sums") is not None and group["reduction"] == "tensor"
+        # One batched all-reduce of the per-tensor sums of every sharded tensor (reduction="tensor", and the 1-D
+        # tensors of reduction="row"); row sums of matrices are local: FSDP2 shards whole rows.
+        sharded = [(i, j) for i, (group, _, tensors, ctx) in enumerate(work) if ctx.get("sums") is not None
                    for j, p in enumerate(tensors["params"])
-                   if _shard_group(p) is not None or self.process_group is not None]
+                   if (group["reduction"] == "tensor" or p.dim() < 2)  # one gate over the whole tensor
+                   and (_shard_group(p) is not None or self.process_group is not None)]
         if sharded:
             flat = torch.stack([work[i][3]["sums"][j] for i, j in sharded])  # (n, 2)
             flat = _all_reduce(flat, self._stats_group())
@@ -655,8 +655,8 @@ def _scalars(group, t: float, var_start: float) -> dict[str, Any]:
 def _row_view(x: torch.Tensor, reduction: str) -> torch.Tensor:
     """x as (rows, -1) for a per-row sum (1-D and 0-D tensors: one row)."""
     if reduction == "row" and x.dim() >= 2:
-        return x.reshape(x.shape[0], -1)
-    return x.reshape(1, -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also for an empty FSDP2 shard (0 rows)
+    return x.reshape(1, x.numel())
 
 
 def _q_shape(x: torch.Tensor, reduction: str) -> tuple[int, ...]:

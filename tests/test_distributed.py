@@ -143,6 +143,7 @@ NEEDS = {
     "test_zero_trajectory_matches_single_process": ("zero",),
     "test_zero_statistics_match_single_process": ("zero",),
     "test_zero_refuses_tensor_reduction": ("zero",),
+    "test_zero_refuses_row_reduction": ("zero",),
     "test_trainer_deepspeed_steps_snradamw": ("trainer_ds", "single"),
     "test_trainer_deepspeed_snr_metrics_match_single_process": ("trainer_ds", "single"),
     "test_trainer_deepspeed_refuses_swapping_configs": ("trainer_ds",),
@@ -278,8 +279,10 @@ def hf_metric_keys() -> list[str]:
 
 # -- 2. raw DeepSpeed ZeRO, 2 ranks ---------------------------------------------------------------
 ZERO_CASES = ["zero0", "zero1", "zero2", "zero3", "zero1_two_groups", "zero2_two_groups", "zero3_two_groups",
-              "zero3_sub_groups", "zero2_padded", "zero3_padded"]
-MULTI_CALL_CASES = {"zero1_two_groups", "zero2_two_groups", "zero3_two_groups", "zero3_sub_groups"}
+              "zero3_sub_groups", "zero2_padded", "zero3_padded", "zero1_options", "zero2_options", "zero3_options",
+              "zero2_signal_step"]
+MULTI_CALL_CASES = {"zero1_two_groups", "zero2_two_groups", "zero3_two_groups", "zero3_sub_groups", "zero1_options",
+                    "zero2_options", "zero3_options"}
 PADDED_CASES = {"zero2_padded", "zero3_padded"}
 
 
@@ -293,13 +296,17 @@ _REFERENCE_CACHE: dict[tuple[bool, int], tuple[dict, list[dict]]] = {}
 
 def zero_reference(name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Plain PyTorch, 1 process, SNRAdamW on the whole global batch of every step."""
-    split, d_out = "two_groups" in name, 3 if name in PADDED_CASES else 4
-    if (split, d_out) not in _REFERENCE_CACHE:
-        import deepspeed_zero as dz
+    import deepspeed_zero as dz
+
+    split, d_out = "two_groups" in name or name in dz.CASE_OPTIONS and "options" in name, 3 if name in PADDED_CASES else 4
+    extra = dz.OPTION_CASES.get(dz.CASE_OPTIONS.get(name), {})
+    key = (split, d_out, tuple(sorted(extra.items())))
+    if key not in _REFERENCE_CACHE:
         from hf_snr import SNRAdamW
 
         model = _common.tiny_net(seed=0, d_out=d_out)
-        opt = SNRAdamW(_common.param_groups(model, dz.OPT_KWARGS["weight_decay"], split), **dz.OPT_KWARGS)
+        kwargs = {**dz.OPT_KWARGS, **extra}
+        opt = SNRAdamW(_common.param_groups(model, kwargs["weight_decay"], split), **kwargs)
         stats = []
         for x, y in _common.regression_batches(dz.STEPS, dz.WORLD * dz.GA * dz.MICRO, d_out=d_out):
             opt.zero_grad()
@@ -307,8 +314,8 @@ def zero_reference(name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
             opt.request_stats()
             opt.step()
             stats.append(dict(opt.last_stats))
-        _REFERENCE_CACHE[split, d_out] = ({n: p.detach().clone() for n, p in model.named_parameters()}, stats)
-    return _REFERENCE_CACHE[split, d_out]
+        _REFERENCE_CACHE[key] = ({n: p.detach().clone() for n, p in model.named_parameters()}, stats)
+    return _REFERENCE_CACHE[key]
 
 
 def _zero_case(zero_results: dict, name: str) -> dict:
@@ -377,6 +384,14 @@ def test_zero_refuses_tensor_reduction(zero_results, stage):
     assert res.get("error_type") == "ValueError", res
     assert "reduction='tensor'" in res["error"] and "flat partitions" in res["error"]
     assert "reduction='element'" in res["error"]  # says what to do instead
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero_refuses_row_reduction(zero_results):
+    res = zero_results["zero2_row"]
+    assert res.get("error_type") == "ValueError", res
+    assert "reduction='row'" in res["error"] and "flat partitions" in res["error"]
 
 
 # -- 3. Trainer + DeepSpeed, 1 process --------------------------------------------------------------

@@ -52,7 +52,19 @@ def cases() -> list[dict]:
     for stage in (1, 2, 3):
         out.append(dict(name=f"zero{stage}_tensor", stage=stage, split=False, opt_extra={"reduction": "tensor"},
                         expect_error=True))
+    # the element-wise gate estimators and the decay toward p0 (a copy of each flat partition's first value)
+    for stage in (1, 2, 3):
+        out.append(dict(name=f"zero{stage}_options", stage=stage, split=True, opt_extra=OPTION_CASES["options"]))
+    out.append(dict(name="zero2_signal_step", stage=2, split=False, opt_extra=OPTION_CASES["signal_step"]))
+    out.append(dict(name="zero2_row", stage=2, split=False, opt_extra={"reduction": "row"}, expect_error=True))
     return out
+
+
+OPTION_CASES = {
+    "options": {"noise": "ema", "decay_to": "init", "weight_decay": 0.2},
+    "signal_step": {"signal": "step", "decay_to": "init", "weight_decay": 0.2},
+}
+CASE_OPTIONS = {f"zero{s}_options": "options" for s in (1, 2, 3)} | {"zero2_signal_step": "signal_step"}
 
 
 def ds_config(stage: int, extra: dict | None = None) -> dict:
@@ -81,8 +93,8 @@ def run_case(case: dict, rank: int) -> dict:
     d_out = case.get("d_out", 4)
     model = _common.tiny_net(seed=0, d_out=d_out)
     total_numel = sum(p.numel() for p in model.parameters())
-    opt = SNRAdamW(_common.param_groups(model, OPT_KWARGS["weight_decay"], case["split"]),
-                   **{**OPT_KWARGS, **case.get("opt_extra", {})})
+    kwargs = {**OPT_KWARGS, **case.get("opt_extra", {})}
+    opt = SNRAdamW(_common.param_groups(model, kwargs["weight_decay"], case["split"]), **kwargs)
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                 config=ds_config(case["stage"], case.get("ds_extra")))
     assert engine.zero_optimization_stage() == case["stage"]
@@ -180,6 +192,7 @@ def main() -> None:
         torch.save(results, Path(cli.out) / "zero_results.pt")
     dist.barrier()
     dist.destroy_process_group()
+    _common.exit_after_teardown(0)
 
 
 if __name__ == "__main__":

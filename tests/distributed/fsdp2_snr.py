@@ -34,6 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 import hf_snr.optimizer as optimizer_module
 from hf_snr.optimizer import SNRAdamW
 
@@ -42,12 +45,17 @@ NAN_STEP = 5          # rank 1 alone sees a nan gradient here: every rank must s
 STATS_STEPS = {3, 4, 6, 7}
 BATCH = 32
 CASES = [
-    # (reduction, mask, foreach, construct, CPU block size of the foreach path: None = default)
-    ("element", "snr", True, "after", 5),
-    ("element", "soft", False, "repoint", None),
-    ("tensor", "soft", True, "after", None),
-    ("tensor", "hard", False, "after", None),
-    ("tensor", "snr", True, "repoint", 5),
+    # (reduction, mask, foreach, construct, CPU block size of the foreach path: None = default, other options)
+    ("element", "snr", True, "after", 5, {}),
+    ("element", "soft", False, "repoint", None, {}),
+    ("tensor", "soft", True, "after", None, {}),
+    ("tensor", "hard", False, "after", None, {}),
+    ("tensor", "snr", True, "repoint", 5, {}),
+    # the gate estimators: row sums are local to a Shard(0) shard; decay_to=init keeps a sharded p0
+    ("row", "soft", True, "after", None, {"noise": "ema"}),
+    ("row", "snr", False, "repoint", None, {"decay_to": "init"}),
+    ("element", "snr", True, "repoint", 5, {"noise": "ema", "decay_to": "init"}),
+    ("element", "soft", False, "after", None, {"signal": "step"}),
 ]
 HP = dict(lr=2e-2, weight_decay=0.05, warmup_steps=2, alpha=0.5, softness=2.0)
 
@@ -86,16 +94,25 @@ KINK_RTOL = 1e-4
 
 def near_kinks(opt, mask, reduction):
     """Per parameter of ``opt``: (coordinates near the gate's kink, coordinates near q = 1/2), from its state."""
+    from hf_snr.optimizer import ema_noise_scale
+
     out = []
     for group in opt.param_groups:
         alpha, c = group["alpha"], group["alpha"] * group["softness"]
         for p in group["params"]:
             st = opt.state[p]
             t = st["step"].item()
-            mu2 = (st["exp_avg"] / (1 - group["betas"][0] ** t)).square()
+            if group["signal"] == "ema":
+                mu2 = (st["exp_avg"] / (1 - group["betas"][0] ** t)).square()
+            else:
+                mu2 = p.grad.float().square()
             sig2 = st["exp_var"] / (1 - group["rho"] ** t)
-            if reduction == "tensor":
+            if group["noise"] == "ema":
+                sig2 = sig2 * ema_noise_scale(t, group["betas"][0])
+            if reduction == "tensor" or (reduction == "row" and mu2.dim() < 2):
                 mu2, sig2 = mu2.sum().expand_as(mu2), sig2.sum().expand_as(sig2)
+            elif reduction == "row":
+                mu2, sig2 = (x.sum(1, keepdim=True).expand_as(x) for x in (mu2, sig2))
 
             def near(a, b):
                 return (a - b).abs() <= KINK_RTOL * (a + b)
@@ -111,14 +128,14 @@ def near_kinks(opt, mask, reduction):
     return out
 
 
-def run_case(rank, mesh, reduction, mask, foreach, construct, block):
+def run_case(rank, mesh, reduction, mask, foreach, construct, block, extra):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
     # a block of 5 elements cuts the local shards into views (the reference keeps the default)
     default_block = optimizer_module._CPU_BLOCK_NUMEL
 
-    hp = dict(HP, reduction=reduction, mask=mask, foreach=foreach)
+    hp = dict(HP, reduction=reduction, mask=mask, foreach=foreach, **extra)
     torch.manual_seed(0)
     model = Net()
     ref = None
@@ -176,10 +193,10 @@ def run_case(rank, mesh, reduction, mask, foreach, construct, block):
         # part, rank 0 compares
         stats = dict(opt.last_stats) if step in STATS_STEPS else None
         got = [full(p.detach()) for p in model.parameters()]
-        keys = ("exp_avg", "exp_avg_sq", "exp_var")
+        keys = ("exp_avg", "exp_avg_sq", "exp_var") + (("param_init",) if extra.get("decay_to") == "init" else ())
         got_state = [{k: full(opt.state[p][k]) for k in keys} if opt.state[p] else None for p in model.parameters()]
         if rank == 0:
-            where = f"{reduction}/{mask}/foreach={foreach}/{construct} step {step}"
+            where = f"{reduction}/{mask}/foreach={foreach}/{construct}/{extra} step {step}"
             near = near_kinks(ref_opt, mask, reduction)
             n_kink = sum(int(k.sum()) for k, _ in near)
             n_half = sum(int(h.sum()) for _, h in near)
@@ -231,6 +248,7 @@ def main():
         if rank == 0:
             print("FSDP2-SNR-OK", "/".join(map(str, case)), flush=True)
     dist.destroy_process_group()
+    _common.exit_after_teardown(0)
 
 
 if __name__ == "__main__":
