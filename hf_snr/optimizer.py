@@ -79,6 +79,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _SPARSE_MSG = "SNRAdamW does not support sparse gradients (use dense gradients, e.g. nn.Embedding(sparse=False))"
 
 _STAT_KEYS = ("mask_sum", "mask_count", "active_count", "signal", "noise")
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -194,6 +195,8 @@ class SNRAdamW(Optimizer):
         signal: str = D["signal"],
         variance: str = D["variance"],
         decay_to: str = D["decay_to"],
+        fused: bool = D["fused"],
+        state_dtype: str = D["state_dtype"],
         nonfinite: str = D["nonfinite"],
         process_group: Any = None,
     ):
@@ -201,7 +204,7 @@ class SNRAdamW(Optimizer):
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, rho=rho, mask=mask, softness=softness, alpha=alpha,
             reduction=reduction, warmup_steps=warmup_steps, snr=snr, foreach=foreach,
-            noise=noise, signal=signal, variance=variance, decay_to=decay_to,
+            noise=noise, signal=signal, variance=variance, decay_to=decay_to, fused=fused, state_dtype=state_dtype,
         )
         assert defaults.keys() == GROUP_DEFAULTS.keys()
         validate_hparams(defaults)
@@ -223,6 +226,7 @@ class SNRAdamW(Optimizer):
         self._mb_count: dict[torch.Tensor, int] = {}               # ... and the number of contributions seen
         self._mb_hooks: dict[torch.Tensor, Any] = {}
         self.last_microbatch_count: int | None = None              # K of the latest micro-batch step
+        self._fused_fallback_warned = False
         super().__init__(params, defaults)
 
     # -- parameter groups ---------------------------------------------------------------------
@@ -402,18 +406,17 @@ class SNRAdamW(Optimizer):
                     saved_groups[i].setdefault(key, self.param_groups[i][key])
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype on load; ours is fp32 by design, so
-        # put back the saved fp32 tensors for bf16/fp16 parameters (the cast would round them).
+        # torch casts floating state to the parameter's dtype on load; ours has its own dtypes by design (fp32
+        # moments, exp_var in state_dtype), so put back the saved tensors as they were saved.
         fresh = 0
         for saved_group, group in zip(saved_groups, self.param_groups):
             group["_numels"] = [p.numel() for p in group["params"]]
             for idx, p in zip(saved_group["params"], group["params"]):
                 if idx not in saved_state:
                     continue
-                if p.dtype != torch.float32:
-                    for key, value in saved_state[idx].items():
-                        if key != "step" and isinstance(value, torch.Tensor):
-                            self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                for key, value in saved_state[idx].items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
                 state = self.state[p]
                 state.pop("max_exp_avg_sq", None)
                 if "exp_avg" in state and "exp_var" not in state:
@@ -454,7 +457,8 @@ class SNRAdamW(Optimizer):
                 fp32 = dict(dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg"] = torch.zeros_like(p, **fp32)
                 state["exp_avg_sq"] = torch.zeros_like(p, **fp32)
-                state["exp_var"] = torch.zeros_like(p, **fp32)
+                state["exp_var"] = torch.zeros_like(p, dtype=_STATE_DTYPES[group["state_dtype"]],
+                                                    memory_format=torch.preserve_format)
             anchor = None
             if anchored:
                 anchor = self._anchors.get(p)
@@ -504,6 +508,21 @@ class SNRAdamW(Optimizer):
             flag = _all_reduce(flag, group, op="max")
         return flag.item() == 0
 
+    def _implementation(self, group, tensors):
+        if group["fused"]:
+            reason = _fused.unavailable(tensors)
+            if reason is None:
+                return _fused
+            if not self._fused_fallback_warned:
+                warnings.warn(f"SNRAdamW(fused=True) runs the foreach path instead: {reason}", RuntimeWarning,
+                              stacklevel=3)
+                self._fused_fallback_warned = True
+            return _multi_tensor
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors["params"])
+        return _multi_tensor if foreach else _single_tensor
+
     def _reset_microbatches(self) -> None:
         for p, sq in self._mb_sq.items():
             if self._mb_count.get(p):
@@ -545,10 +564,7 @@ class SNRAdamW(Optimizer):
             tensors = self._init_group(group)
             if not tensors["params"]:
                 continue
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors["params"])
-            impl = _multi_tensor if foreach else _single_tensor
+            impl = self._implementation(group, tensors)
             mb = None
             if group["variance"] == "microbatch":
                 mb = self._microbatch_scales(tensors)
@@ -676,7 +692,8 @@ class _single_tensor:
         sums = []
         for i, p in enumerate(t["params"]):
             g = _local(t["grads"][i]).float()
-            m, v, s = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i])
+            m, v, s_store = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i])
+            s = s_store.float() if s_store.dtype != torch.float32 else s_store  # state_dtype: math in fp32
             t["steps"][i] += 1
             if mb is None:
                 d = g - m                                   # deviation from the previous, uncorrected mean
@@ -686,6 +703,9 @@ class _single_tensor:
                 est = (sq * mb[0] - g * g * mb[1]).clamp_min_(0.0)  # unbiased variance of the step's mean
                 s.mul_(rho).add_(est, alpha=1 - rho)
                 sq.zero_()
+            if s is not s_store:
+                s_store.copy_(s)
+                s = s_store.float()  # what the gate reads is the stored (rounded) value
             m.lerp_(g, 1 - beta1)                       # m <- beta1 m + (1 - beta1) g
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             if reduced:
@@ -703,7 +723,7 @@ class _single_tensor:
         part = None
         for i, p_full in enumerate(t["params"]):
             p = _local(p_full)
-            m, v, s = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i])
+            m, v, s = _local(t["exp_avgs"][i]), _local(t["exp_avg_sqs"][i]), _local(t["exp_vars"][i]).float()
             k = _scalars(group, t["steps"][i].item(), t["var_starts"][i])
             m_hat = m / k["bc1"]
             mu2 = m_hat.square() if group["signal"] == "ema" else _local(t["grads"][i]).float().square()
@@ -819,7 +839,8 @@ class _multi_tensor:
         g = [x[1][_G] if x[1][_G].dtype == torch.float32 else x[1][_G].float() for x in block]
         m = [x[1][_M] for x in block]
         v = [x[1][_V] for x in block]
-        s = [x[1][_S] for x in block]
+        s_store = [x[1][_S] for x in block]
+        s = [x if x.dtype == torch.float32 else x.float() for x in s_store]  # state_dtype: math in fp32
         torch._foreach_mul_(s, rho)
         if mb is None:
             d = torch._foreach_sub(g, m)                # deviation from the previous, uncorrected mean
@@ -831,6 +852,9 @@ class _multi_tensor:
             torch._foreach_clamp_min_(est, 0.0)
             torch._foreach_add_(s, est, alpha=1 - rho)
             torch._foreach_zero_(sq)
+        for a, b in zip(s_store, s):
+            if a is not b:
+                a.copy_(b)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
@@ -851,7 +875,7 @@ class _multi_tensor:
                     torch._foreach_mul_(mu2, mu2)
                 else:
                     mu2 = [x[1][_G].float().square() for x in block]
-                sig2 = torch._foreach_div([x[1][_S] for x in block], [scal[i]["bcr"] for i in idx])
+                sig2 = torch._foreach_div([x[1][_S].float() for x in block], [scal[i]["bcr"] for i in idx])
                 torch._foreach_mul_(sig2, [scal[i]["noise_scale"] for i in idx])
                 for i, a, b in zip(idx, mu2, sig2):
                     red = group["reduction"]
@@ -880,7 +904,7 @@ class _multi_tensor:
             idx = [i for i, _ in block]
             m = [x[1][_M] for x in block]
             v = [x[1][_V] for x in block]
-            s = [x[1][_S] for x in block]
+            s = [x[1][_S] if x[1][_S].dtype == torch.float32 else x[1][_S].float() for x in block]
             m_hat = torch._foreach_div(m, [scal[i]["bc1"] for i in idx])
             mu2 = sig2 = q = None
             if gated or want_stats:
@@ -949,6 +973,91 @@ class _multi_tensor:
                 ]).sum(0)
                 acc = rows if acc is None else acc + rows
         return acc
+
+
+class _fused:
+    """One fused pass per group and dtype signature: the C kernel of :mod:`hf_snr.fused_cpu` on CPU.
+
+    Same math and order of operations as the oracle (m, v, s equal it bit for bit; p within a few ulps:
+    torch's CPU sqrt is MKL's, the kernel's IEEE). Element gates take one pass over p, g, m, v, s; row and
+    tensor gates take the two passes the reductions need (sums, then the gated update).
+    """
+
+    @staticmethod
+    def unavailable(t) -> str | None:
+        """Why the fused kernel cannot run these tensors (None: it can)."""
+        params = t["params"]
+        if any(_local(p).device.type != "cpu" for p in params):
+            return ("no fused kernel for " + ", ".join(sorted({_local(p).device.type for p in params})) +
+                    " tensors in this build (the fused path is CPU-only for now)")
+        from . import fused_cpu
+
+        if not fused_cpu.available():
+            return f"the CPU kernel could not be built: {fused_cpu.unavailable_reason()}"
+        lists = [t[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars")]
+        if any(x is not None and not _local(x).is_contiguous() for ts in lists for x in ts):
+            return "a parameter, gradient or state tensor is not contiguous"
+        if any(_local(p).dtype not in (torch.float32, torch.bfloat16) for p in params):
+            return "parameters other than float32 / bfloat16"
+        return None
+
+    @staticmethod
+    def _lists(t):
+        return ([_local(x) for x in t["params"]], [_local(x) for x in t["grads"]],
+                [_local(x) for x in t["exp_avgs"]], [_local(x) for x in t["exp_avg_sqs"]],
+                [_local(x) for x in t["exp_vars"]])
+
+    @staticmethod
+    def moments(group, t, mb):
+        from . import fused_cpu
+
+        torch._foreach_add_(t["steps"], 1.0)
+        scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
+        ctx = {"scalars": scal, "mb": mb, "sums": None}
+        if group["reduction"] in ("tensor", "row") and group["snr"]:
+            beta1, beta2 = group["betas"]
+            lists = _fused._lists(t)
+            flat = fused_cpu.moments(
+                *lists, beta1=beta1, beta2=beta2, rho=group["rho"], bc1=[k["bc1"] for k in scal],
+                bcr=[k["bcr"] for k in scal], row_lens=group["reduction"], signal=group["signal"],
+                noise_scale=[k["noise_scale"] for k in scal], variance=group["variance"],
+                sq_sums=t["mb_sqs"] if mb else None, sq_scale=mb[0] if mb else 1.0, g2_scale=mb[1] if mb else 0.0)
+            sums, row = [], 0
+            for p in lists[0]:
+                n = p.shape[0] if group["reduction"] == "row" and p.dim() >= 2 else 1
+                sums.append(flat[row:row + n])
+                row += n
+            ctx["sums"] = sums
+        return ctx
+
+    @staticmethod
+    def update(group, t, ctx, want_stats):
+        from . import fused_cpu
+
+        beta1, beta2 = group["betas"]
+        scal, mb = ctx["scalars"], ctx["mb"]
+        alpha, softness, c = _gate_knobs(group)
+        lists = _fused._lists(t)
+        anchors = None if all(a is None for a in t["anchors"]) else [_local(a) for a in t["anchors"]]
+        common = dict(lr=float(group["lr"]), eps=group["eps"], weight_decay=group["weight_decay"],
+                      bc1=[k["bc1"] for k in scal], bc2=[k["bc2"] for k in scal], bcr=[k["bcr"] for k in scal],
+                      alpha=alpha, softness=softness, c=c, mask=group["mask"], signal=group["signal"],
+                      noise_scale=[k["noise_scale"] for k in scal], anchors=anchors,
+                      gate_open=[k["open"] for k in scal], want_stats=want_stats)
+        if ctx["sums"] is None:
+            out = fused_cpu.step(*lists, beta1=beta1, beta2=beta2, rho=group["rho"], variance=group["variance"],
+                                 sq_sums=t["mb_sqs"] if mb else None, sq_scale=mb[0] if mb else 1.0,
+                                 g2_scale=mb[1] if mb else 0.0, **common)
+        else:
+            q_rows = torch.cat([_mask(group["mask"], sm[:, 0].float(), sm[:, 1].float(), alpha, softness, c)
+                                for sm in ctx["sums"]]).contiguous()
+            out = fused_cpu.update(*lists, q_rows=q_rows, row_lens=group["reduction"], **common)
+        if not want_stats:
+            return None
+        part = torch.tensor(out, dtype=torch.float64).float()
+        if not group["snr"]:
+            part[:3] = 0.0
+        return part
 
 
 def _foreach_mask(kind, mu2, sig2, alpha, softness, c):

@@ -30,6 +30,7 @@ NOISE_SCALES = ("step", "ema")
 SIGNALS = ("ema", "step")
 VARIANCES = ("ema", "microbatch")
 DECAY_TARGETS = ("zero", "init")
+STATE_DTYPES = ("float32", "bfloat16")
 
 # At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
 # start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
@@ -181,6 +182,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
          "False makes a parameter group plain AdamW (set per group; exclude= does it by name)", label="snr value"),
     _opt("foreach", "bool | None", None, "true, false or auto", lambda x: x in (None, True, False),
          "multi-tensor (torch._foreach_*) path; auto picks it where supported", _to_auto_bool, shown="auto"),
+    _opt("fused", "bool", False, "true or false", lambda x: isinstance(x, bool),
+         "one fused pass per group (a C kernel on CPU, compiled at first use with the system C compiler; Triton "
+         "on CUDA); falls back to foreach with one warning where it cannot run", _to_bool, label="fused value"),
+    _opt("state_dtype", "str", "float32", f"one of {', '.join(STATE_DTYPES)}", _one_of(STATE_DTYPES),
+         "dtype of the variance state exp_var (bfloat16: state 1.25x AdamW's fp32 state instead of 1.5x; the "
+         "arithmetic stays fp32)", _to_str, label="state_dtype"),
     _opt("nonfinite", "str", "skip", f"one of {', '.join(NONFINITE_POLICIES)}", _one_of(NONFINITE_POLICIES),
          "what a nan/inf gradient does: skip the whole step (counted, warned), raise, or propagate as AdamW",
          _to_str, per_group=False),
@@ -224,6 +231,9 @@ def validate_hparams(hp: dict[str, Any], where: str = "") -> None:
 def check_combination(hp: dict[str, Any], where: str = "") -> None:
     """Checks between options: the one place for them."""
     loc = f" in {where}" if where else ""
+    if hp.get("fused") and hp.get("foreach"):
+        raise OptionError("Invalid combination fused=True with foreach=True" + loc + ": choose one implementation "
+                          "(fused=True, or foreach=True/None with fused=False)")
     if hp.get("signal") == "step" and hp.get("noise") == "ema":
         raise OptionError(
             "Invalid combination signal='step' with noise='ema'" + loc + ": signal='step' tests one step's gradient, "
@@ -284,6 +294,8 @@ class SNROptions:
     warmup_steps: int = DEFAULTS["warmup_steps"]
     nonfinite: str = DEFAULTS["nonfinite"]
     foreach: bool | None = DEFAULTS["foreach"]
+    fused: bool = DEFAULTS["fused"]
+    state_dtype: str = DEFAULTS["state_dtype"]
     exclude: str | None = DEFAULTS["exclude"]
     extra: dict[str, Any] = field(default_factory=dict)
 
