@@ -1,14 +1,22 @@
-"""Step time and memory of SNRAdamW against torch.optim.AdamW, printed as a markdown table.
+"""Step time and memory of SNRAdamW against torch.optim.AdamW: a markdown table and one JSON line per row.
 
-    PYTHONPATH=. python benchmarks/optimizer_step.py [--size 50] [--dtype fp32 bf16] [--steps 30]
+    python benchmarks/optimizer_step.py [--size 50] [--dtype fp32 bf16] [--steps 30] [--threads 1 0]
+        [--device cpu|cuda] [--json results.jsonl]
+
+--threads takes several values and measures each (0 = torch's default, all cores). Each printed JSON
+line carries the configuration (device, dtype, threads, sizes), the optimizer, its median step time and
+its ratios to AdamW fused (the step users compare with) and AdamW foreach measured in the same run.
+The fused kernel's one-off build time (the C compiler at first use; cached afterwards) is reported on
+its own line, never inside a step time.
 
 The "model" is a list of parameters with the shapes of a GPT-style stack (d_model 512, per layer
 qkv, out, MLP up/down, two norms and the biases), as many layers as make --size million
 parameters. Gradients are random and fixed: an optimizer step does not depend on where the
 gradient came from, and leaving out forward/backward keeps the measurement to the optimizer.
 
-Contestants: SNRAdamW (foreach and per-tensor paths; warmup_steps=0 so that the gate is computed
-every step, default mask "snr") and AdamW (foreach and fused). All update the *same* parameter
+Contestants: SNRAdamW fused (fused=True: default non-finite check "skip", and "propagate", which
+does no check, as AdamW; and with a bf16 variance), foreach and per-tensor (warmup_steps=0 so that
+the gate is computed every step, default mask "snr") and AdamW (foreach and fused). All update the *same* parameter
 tensors and read the same gradients (each keeps its own state), so memory holds one model.
 
 Measured, one run, all reported as ratios to AdamW-foreach at the same dtype:
@@ -58,36 +66,50 @@ def layer_shapes(d: int) -> list[tuple[int, ...]]:
     return [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
 
 
-def make_model(size_m: float, dtype: torch.dtype, seed: int = 0):
+def make_model(size_m: float, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     per_layer = sum(torch.Size(s).numel() for s in layer_shapes(D_MODEL))
     n_layers = max(1, round(size_m * 1e6 / per_layer))
     gen = torch.Generator().manual_seed(seed)
     params = []
     for _ in range(n_layers):
         for shape in layer_shapes(D_MODEL):
-            p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(dtype))
-            p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
+            p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype))
+            p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
             params.append(p)
     return params
 
 
-def contestants(params):
+def contestants(params, per_tensor: bool = True):
     hp = dict(lr=1e-4, weight_decay=0.01)
-    return {
-        "SNRAdamW foreach": SNRAdamW(params, foreach=True, warmup_steps=0, **hp),
-        "SNRAdamW per-tensor": SNRAdamW(params, foreach=False, warmup_steps=0, **hp),
+    snr = dict(warmup_steps=0, **hp)
+    out = {
+        "SNRAdamW fused": SNRAdamW(params, fused=True, **snr),
+        "SNRAdamW fused, nonfinite=propagate": SNRAdamW(params, fused=True, nonfinite="propagate", **snr),
+        "SNRAdamW fused, bf16 variance": SNRAdamW(params, fused=True, state_dtype="bfloat16", **snr),
+        "SNRAdamW foreach": SNRAdamW(params, foreach=True, **snr),
         "AdamW foreach": torch.optim.AdamW(params, foreach=True, **hp),
         "AdamW fused": torch.optim.AdamW(params, fused=True, **hp),
     }
+    if per_tensor:
+        out["SNRAdamW per-tensor"] = SNRAdamW(params, foreach=False, **snr)
+    return out
 
 
 def state_bytes(opt) -> int:
     return sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
-def transient_peak(opt) -> int:
-    """Peak bytes allocated above the level at the start of one step (torch CPU allocator events)."""
+def transient_peak(opt, device: str = "cpu") -> int:
+    """Peak bytes allocated above the level at the start of one step (torch's allocator)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -104,11 +126,16 @@ def transient_peak(opt) -> int:
     return peak
 
 
-def bench(size_m: float, dtype_name: str, steps: int) -> list[dict]:
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(size_m: float, dtype_name: str, steps: int, device: str = "cpu", per_tensor: bool = True) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    params = make_model(size_m, dtype)
+    params = make_model(size_m, dtype, device=device)
     n_params = sum(p.numel() for p in params)
-    opts = contestants(params)
+    opts = contestants(params, per_tensor)
     names = list(opts)
     for opt in opts.values():  # create the state and warm up kernels and the allocator
         for _ in range(2):
@@ -118,35 +145,39 @@ def bench(size_m: float, dtype_name: str, steps: int) -> list[dict]:
     for r in range(steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            _sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
             opts[n].step()
+            _sync(device)
             times[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
     rows = []
     for n in names:
-        rows.append(dict(name=n, dtype=dtype_name, n_params=n_params, n_tensors=len(params),
-                         time=statistics.median(times[n]), cpu=statistics.median(cpu[n]),
-                         state=state_bytes(opts[n]),
-                         peak=transient_peak(opts[n])))
+        rows.append(dict(name=n, device=device, dtype=dtype_name, threads=torch.get_num_threads(), n_params=n_params,
+                         n_tensors=len(params), time=statistics.median(times[n]), cpu=statistics.median(cpu[n]),
+                         state=state_bytes(opts[n]), peak=transient_peak(opts[n], device)))
+    fused_ref = next(r for r in rows if r["name"] == "AdamW fused")
+    foreach_ref = next(r for r in rows if r["name"] == "AdamW foreach")
+    for r in rows:
+        r["time_vs_adamw_fused"] = r["time"] / fused_ref["time"]
+        r["time_vs_adamw_foreach"] = r["time"] / foreach_ref["time"]
+        r["state_vs_adamw_fused"] = r["state"] / fused_ref["state"]
     del opts, params
     gc.collect()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown, one row per optimizer and dtype; ratios to AdamW-foreach at the same dtype."""
-    out = ["| dtype | optimizer | step ms (median) | time / AdamW foreach | CPU time / AdamW foreach | state MiB"
-           " | state / AdamW foreach | transient peak MiB | peak / AdamW foreach |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sub = [r for r in rows if r["dtype"] == dtype]
-        ref = next(r for r in sub if r["name"] == "AdamW foreach")
-        for r in sub:
-            out.append(
-                f"| {dtype} | {r['name']} | {r['time'] * 1e3:.1f} | {r['time'] / ref['time']:.2f}x | "
-                f"{r['cpu'] / ref['cpu']:.2f}x | "
-                f"{r['state'] / 2**20:.1f} | {r['state'] / ref['state']:.3f}x | {r['peak'] / 2**20:.1f} | "
-                f"{r['peak'] / ref['peak']:.2f}x |")
+    """Markdown, one row per optimizer, dtype and thread count; ratios to AdamW fused in the same run."""
+    out = ["| device | dtype | threads | optimizer | step ms (median) | time / AdamW fused | time / AdamW foreach |"
+           " state MiB | state / AdamW fp32 state | transient peak MiB |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        fp32_state = 8 * r["n_params"]  # AdamW's fp32 m and v
+        out.append(
+            f"| {r['device']} | {r['dtype']} | {r['threads']} | {r['name']} | {r['time'] * 1e3:.1f} | "
+            f"{r['time_vs_adamw_fused']:.2f}x | {r['time_vs_adamw_foreach']:.2f}x | {r['state'] / 2**20:.1f} | "
+            f"{r['state'] / fp32_state:.3f}x | {r['peak'] / 2**20:.1f} |")
     return "\n".join(out)
 
 
@@ -155,17 +186,38 @@ def main(argv=None):
     ap.add_argument("--size", type=float, default=50.0, help="model size in millions of parameters (default 50)")
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=30, help="timed rounds (each steps every optimizer once)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                    help="torch.set_num_threads values to measure, 0 = torch's default (all cores); default 1 0")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--no_per_tensor", action="store_true", help="leave out the slow per-tensor oracle")
+    ap.add_argument("--json", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    if args.device == "cpu":
+        from hf_snr import fused_cpu
+
+        t0 = time.perf_counter()
+        ok = fused_cpu.available()
+        build = dict(kind="build", device="cpu", fused_kernel=ok, seconds=time.perf_counter() - t0,
+                     reason=fused_cpu.unavailable_reason(), library=fused_cpu.library_path())
+        print(json.dumps(build))
+        print(f"fused CPU kernel: {'ready' if ok else 'unavailable: ' + str(build['reason'])} "
+              f"({build['seconds']:.2f} s to build or load, once; cached after the first build)\n")
     rows = []
-    for dtype in args.dtype:
-        rows += bench(args.size, dtype, args.steps)
+    for threads in args.threads:
+        torch.set_num_threads(threads or default_threads)
+        for dtype in args.dtype:
+            rows += bench(args.size, dtype, args.steps, args.device, per_tensor=not args.no_per_tensor)
     r0 = rows[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {r0['n_params'] / 1e6:.1f}M parameters "
-          f"in {r0['n_tensors']} tensors, {args.steps} interleaved rounds\n")
+    print(f"torch {torch.__version__}, {r0['n_params'] / 1e6:.1f}M parameters in {r0['n_tensors']} tensors, "
+          f"{args.steps} interleaved rounds\n")
     print(table(rows))
+    print()
+    lines = [json.dumps({"kind": "step", **r}) for r in rows]
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

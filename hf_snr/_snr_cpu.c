@@ -489,3 +489,29 @@ int snr_run(const snr_args *A)
     free(prefix);
     return 0;
 }
+
+/* The non-finite check of nonfinite="skip": 1 if any element of the n tensors (fp32, or bf16 where
+ * is_bf16[k]) is inf or nan, else 0. One read of the gradients at memory speed (an all-ones exponent
+ * is inf or nan in both formats), the elements cut into nthreads ranges per large tensor. */
+int snr_nonfinite(int64_t n, const uint64_t *ptrs, const int64_t *numels, const int32_t *is_bf16, int nthreads)
+{
+    int bad = 0;
+    for (int64_t k = 0; k < n && !bad; k++) {
+        const int64_t len = numels[k];
+        const int par = nthreads > 1 && len >= 65536;
+        if (is_bf16[k]) {
+            const uint16_t *x = (const uint16_t *)(uintptr_t)ptrs[k];
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) reduction(| : bad) schedule(static) if (par)
+#endif
+            for (int64_t i = 0; i < len; i++) bad |= (x[i] & 0x7f80u) == 0x7f80u;
+        } else {
+            const uint32_t *x = (const uint32_t *)(uintptr_t)ptrs[k];
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) reduction(| : bad) schedule(static) if (par)
+#endif
+            for (int64_t i = 0; i < len; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+        }
+    }
+    return bad;
+}

@@ -189,6 +189,8 @@ def _open(path, errors):
         return None
     lib.snr_run.argtypes = [ctypes.POINTER(_Args)]
     lib.snr_run.restype = ctypes.c_int
+    lib.snr_nonfinite.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.snr_nonfinite.restype = ctypes.c_int
     lib.snr_openmp.restype = ctypes.c_int
     return lib
 
@@ -577,6 +579,25 @@ def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: fl
                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, bcr=bcr, alpha=alpha, softness=softness, c=c,
                 mask=mask, signal=signal, noise_scale=noise_scale, gate_open=gate_open, want_stats=want_stats,
                 num_threads=num_threads)
+
+
+def any_nonfinite(tensors, num_threads: int | None = None) -> bool:
+    """Whether any element of these contiguous fp32 / bf16 CPU tensors is inf or nan (one read, at memory speed)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
+    ts = [t for t in tensors if _numel(t)]
+    for i, t in enumerate(ts):
+        if not (_is_cpu(t) and _contig(t) and _dtype(t) in (_F32, _BF16)):
+            raise ValueError(f"fused_cpu.any_nonfinite: tensor {i} is {_describe(t)} (accepted: contiguous CPU "
+                             "float32 or bfloat16)")
+    if not ts:
+        return False
+    ptrs = array("Q", map(_ptr, ts))
+    numels = array("q", map(_numel, ts))
+    bf16 = array("i", [_dtype(t) is _BF16 for t in ts])
+    n = num_threads or torch.get_num_threads()
+    return bool(lib.snr_nonfinite(len(ts), ptrs.buffer_info()[0], numels.buffer_info()[0], bf16.buffer_info()[0], n))
 
 
 def gate(sums: torch.Tensor, *, mask: str = "snr", alpha: float = 1.0, softness: float = 1.0,

@@ -487,7 +487,12 @@ class SNRAdamW(Optimizer):
     def _all_finite(self) -> bool:
         grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         grads = [g for g in grads if g.numel() > 0]
-        if grads:
+        if grads and all(g.device.type == "cpu" and g.is_contiguous() and g.dtype in (torch.float32, torch.bfloat16)
+                         for g in grads) and _cpu_kernel_ready():
+            from . import fused_cpu
+
+            flag = torch.tensor(float(fused_cpu.any_nonfinite(grads)))  # one read of the gradients in C
+        elif grads:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for g in grads:
                 by_device.setdefault(g.device, []).append(g)
@@ -623,6 +628,13 @@ class SNRAdamW(Optimizer):
             "cumulative_noise": self.snr_state["cumulative_noise"],
             "skipped_steps": float(self.snr_state["skipped_steps"]),
         }
+
+
+def _cpu_kernel_ready() -> bool:
+    """Whether the C kernel is already loaded (never builds it: only fused=True asks for a build)."""
+    from . import fused_cpu
+
+    return fused_cpu._state.get("lib") is not None
 
 
 def _all_reduce(tensor: torch.Tensor, group, op: str = "sum") -> torch.Tensor:

@@ -130,3 +130,18 @@ def test_state_dtype_bfloat16_state_bytes_and_trajectory():
     assert nbytes(o16) / nbytes(adamw) == pytest.approx(1.25)
     assert max(abs(a - b) for a, b in zip(m32, m16)) < 0.02
     assert (p32 - p16).abs().max().item() < 0.05 * (p32.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_nonfinite_check_finds_inf_and_nan_and_nothing_else(dtype):
+    big = torch.finfo(dtype).max
+    for threads in (1, 2):
+        ts = [torch.randn(70_001).to(dtype), torch.full((5,), big, dtype=dtype), torch.zeros(0, dtype=dtype)]
+        assert not fused_cpu.any_nonfinite(ts, num_threads=threads)  # the largest finite value is finite
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            ts[0][69_999] = bad
+            assert fused_cpu.any_nonfinite(ts, num_threads=threads), bad
+            ts[0][69_999] = 0.0
+    with pytest.raises(ValueError, match="contiguous CPU float32 or bfloat16"):
+        fused_cpu.any_nonfinite([torch.zeros(4, 4).t()])
