@@ -169,6 +169,7 @@ def test_wheel_install_registers_at_start_up(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert "hf_snr-autoregister.pth" in names and "hf_snr/_hooks.py" in names, names
+        assert "hf_snr/_snr_cpu.c" in names, names  # the fused kernel's source ships with the wheel
         z.extractall(site_dir)
     deps = sysconfig.get_paths()["purelib"]  # torch, transformers, ...; no .pth of theirs is processed (-S)
     out = _ok(_python(f"""
