@@ -55,6 +55,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=None, help="default 2 x hidden")
     p.add_argument("--optim_args", default="mask=snr", help="SNR knobs of the SNR arm")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per step, both arms (variance=microbatch needs >= 2)")
+    p.add_argument("--adamw", default="adamw_torch", help="the AdamW arm's optim name (e.g. adamw_torch_fused)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timing on a shared CPU)")
     p.add_argument("--json", help="also write the raw timings here")
     return p.parse_args()
@@ -78,6 +81,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     n_pairs = args.batch * args.steps
+    if args.batch % args.gradient_accumulation_steps:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of --gradient_accumulation_steps")
     data = make_preference_dataset(n_train=n_pairs, n_eval=0, seed=0)
     from hf_snr.data import swap_preferences
 
@@ -102,7 +107,9 @@ def main() -> None:
         cfg = SNRDPOConfig(
             output_dir=out, optim=optim, optim_args=args.optim_args if optim == "snr_adamw" else None,
             learning_rate=3e-3, lr_scheduler_type="constant", beta=0.1, max_length=64,
-            per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=args.logging_steps,
+            per_device_train_batch_size=args.batch // args.gradient_accumulation_steps,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_steps=args.steps, logging_steps=args.logging_steps,
             eval_strategy="no", save_strategy="no", report_to="none", bf16=False, use_cpu=True,
             gradient_checkpointing=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
         )
@@ -121,21 +128,22 @@ def main() -> None:
         return wall, cpu
 
     clocks = ("wall", "cpu")
-    arms = {c: {"snr_adamw": [], "adamw_torch": []} for c in clocks}
+    base = args.adamw
+    arms = {c: {"snr_adamw": [], base: []} for c in clocks}
     per_round = {c: [] for c in clocks}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            order = ["snr_adamw", "adamw_torch"] if r % 2 == 0 else ["adamw_torch", "snr_adamw"]
+            order = ["snr_adamw", base] if r % 2 == 0 else [base, "snr_adamw"]
             means = {c: {} for c in clocks}
             for optim in order:
                 for clock, times in zip(clocks, one_run(optim, os.path.join(tmp, f"{optim}-{r}"))):
                     arms[clock][optim].extend(times)
                     means[clock][optim] = statistics.fmean(times)
             for clock in clocks:
-                per_round[clock].append(means[clock]["snr_adamw"] / means[clock]["adamw_torch"])
+                per_round[clock].append(means[clock]["snr_adamw"] / means[clock][base])
             print(f"round {r + 1}/{args.rounds}: mean step SNR / AdamW: wall {means['wall']['snr_adamw'] * 1e3:.1f} / "
-                  f"{means['wall']['adamw_torch'] * 1e3:.1f} ms (ratio {per_round['wall'][-1]:.3f}), CPU "
-                  f"{means['cpu']['snr_adamw'] * 1e3:.1f} / {means['cpu']['adamw_torch'] * 1e3:.1f} ms "
+                  f"{means['wall'][base] * 1e3:.1f} ms (ratio {per_round['wall'][-1]:.3f}), CPU "
+                  f"{means['cpu']['snr_adamw'] * 1e3:.1f} / {means['cpu'][base] * 1e3:.1f} ms "
                   f"(ratio {per_round['cpu'][-1]:.3f})", flush=True)
 
     print(f"\nmodel: tiny Llama hidden {args.hidden}, {args.layers} layers, {n_params / 1e3:.0f}k parameters; "
@@ -145,9 +153,9 @@ def main() -> None:
     for clock in clocks:
         med = {k: statistics.median(v) for k, v in arms[clock].items()}
         result[clock] = {"ratio_of_means": statistics.median(per_round[clock]),
-                         "ratio_of_medians": med["snr_adamw"] / med["adamw_torch"],
+                         "ratio_of_medians": med["snr_adamw"] / med[base],
                          "median_step_ms": {k: v * 1e3 for k, v in med.items()}, "per_round": per_round[clock]}
-        print(f"{clock:>4}: median step SNR {med['snr_adamw'] * 1e3:.2f} ms, AdamW {med['adamw_torch'] * 1e3:.2f} ms; "
+        print(f"{clock:>4}: median step SNR {med['snr_adamw'] * 1e3:.2f} ms, {base} {med[base] * 1e3:.2f} ms; "
               f"ratio of medians {result[clock]['ratio_of_medians']:.4f}; per-round mean ratios "
               f"{', '.join(f'{x:.3f}' for x in per_round[clock])} (median {result[clock]['ratio_of_means']:.4f})")
     # CPU time of the (single-threaded) process is what a busy shared machine cannot inflate; wall time is what
@@ -158,9 +166,9 @@ def main() -> None:
     # The difference between the arms is the optimizer step alone. Timed in isolation (same parameters, fixed
     # gradients, interleaved, SNR statistics requested every logging_steps steps as in training), it is far less
     # noisy than whole steps; added to AdamW's median whole step it gives the implied ratio.
-    opt_ms = optimizer_step_ms(model0, args.logging_steps)
-    implied = {c: (result[c]["median_step_ms"]["adamw_torch"] + opt_ms["snr_adamw"] - opt_ms["adamw_torch"])
-               / result[c]["median_step_ms"]["adamw_torch"] for c in clocks}
+    opt_ms = optimizer_step_ms(model0, args.logging_steps, optim_args=args.optim_args, fused_adamw="fused" in base)
+    implied = {c: (result[c]["median_step_ms"][base] + opt_ms["snr_adamw"] - opt_ms["adamw_torch"])
+               / result[c]["median_step_ms"][base] for c in clocks}
     result["optimizer_step_ms"] = opt_ms
     result["implied_ratio"] = implied
     print(f"optimizer step alone (CPU, median): SNRAdamW {opt_ms['snr_adamw']:.2f} ms, AdamW {opt_ms['adamw_torch']:.2f} "
@@ -171,8 +179,12 @@ def main() -> None:
             json.dump({"args": vars(args), "n_params": n_params, "step_times": arms, "result": result}, f, indent=1)
 
 
-def optimizer_step_ms(model0, logging_steps: int, rounds: int = 30, steps: int = 20) -> dict[str, float]:
-    """Median CPU milliseconds of one optimizer step, SNRAdamW vs torch AdamW, on copies of the model's parameters."""
+def optimizer_step_ms(model0, logging_steps: int, rounds: int = 30, steps: int = 20, optim_args: str = "",
+                      fused_adamw: bool = False) -> dict[str, float]:
+    """Median CPU milliseconds of one optimizer step, SNRAdamW (with these optim_args) vs torch AdamW, on copies of
+    the model's parameters (variance=microbatch is timed as variance=ema: fixed gradients have no micro-batches)."""
+    from hf_snr.options import parse_optim_args
+
     import copy
 
     import torch
@@ -184,8 +196,10 @@ def optimizer_step_ms(model0, logging_steps: int, rounds: int = 30, steps: int =
     for model in models.values():
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    opts = {"snr_adamw": SNRAdamW(models["snr_adamw"].parameters(), lr=1e-3),
-            "adamw_torch": torch.optim.AdamW(models["adamw_torch"].parameters(), lr=1e-3)}
+    kw = parse_optim_args(optim_args).optimizer_kwargs()
+    kw["variance"] = "ema"
+    opts = {"snr_adamw": SNRAdamW(models["snr_adamw"].parameters(), lr=1e-3, **kw),
+            "adamw_torch": torch.optim.AdamW(models["adamw_torch"].parameters(), lr=1e-3, fused=fused_adamw or None)}
     times = {k: [] for k in opts}
     for _ in range(rounds):
         for name, opt in opts.items():
