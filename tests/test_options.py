@@ -18,13 +18,14 @@ def test_every_knob_is_parsed_typed():
     assert o == SNROptions(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor", warmup_steps=4,
                            nonfinite="raise", foreach=False, exclude="mlp|lm_head", noise="ema", signal="ema",
                            variance="microbatch", decay_to="init")
+    assert parse_optim_args("fused=true,state_dtype=bfloat16").fused is True
     assert type(o.softness) is float and type(o.alpha) is float and type(o.warmup_steps) is int
     assert o.optimizer_kwargs() == dict(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor",
                                         warmup_steps=4, nonfinite="raise", foreach=False, noise="ema", signal="ema",
-                                        variance="microbatch", decay_to="init")
+                                        variance="microbatch", decay_to="init", fused=False, state_dtype="float32")
     # every option in the table is covered by this test (a new knob must be added here)
     assert set(OPTIONS) == {"mask", "softness", "alpha", "rho", "reduction", "warmup_steps", "nonfinite", "foreach",
-                            "exclude", "noise", "signal", "variance", "decay_to"}
+                            "exclude", "noise", "signal", "variance", "decay_to", "fused", "state_dtype"}
 
 
 def test_defaults_and_aliases():
@@ -128,3 +129,17 @@ def test_deepspeed_guard_direct():
         check_deepspeed_config(offload)
     check_deepspeed_config({**offload, "zero_force_ds_cpu_optimizer": False})
     check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+
+
+def test_readme_options_table_is_the_options_table():
+    """The README's optim_args table is generated from hf_snr.options (one source of truth)."""
+    from pathlib import Path
+
+    from hf_snr.options import options_markdown
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- options-table:start -->\n", "\n<!-- options-table:end -->"
+    assert start in text and end in text
+    shown = text.split(start, 1)[1].split(end, 1)[0]
+    assert shown == options_markdown(), "regenerate with: python -c 'from hf_snr.options import options_markdown; " \
+                                        "print(options_markdown())'"
