@@ -29,6 +29,15 @@ The config file (YAML)::
           - {name: adamw, optim: adamw_torch, learning_rate: 3.0e-3}   # the first arm is the baseline
           - {name: snr, optim: snr_adamw, learning_rate: 1.0e-2}
           - {name: snr_sweep, optim: snr_adamw, learning_rates: [1.0e-2, 3.0e-2]}  # this arm's own lr grid
+          - {name: adamw clean, optim: adamw_torch, learning_rate: 3.0e-3, noise_rate: 0.0}  # own noise rate
+        recovered: {clean: adamw clean, noisy: adamw}  # optional (default: the noise-0 arm, the first noisy arm)
+    best_lr_from: outputs/lr_sweep        # optional: arms named as in that sweep take its best lr
+
+An arm's ``noise_rate`` replaces the noise rates for that arm (a clean-label baseline). With a clean
+AdamW arm the report adds "recovered": the share of the final accuracy that the noise costs AdamW
+which an arm recovers (:func:`recovered_share`). Every run's ``snr/*`` keys are scored against the
+real held-out loss (:func:`risk_tracking`, the "risk tracking" table). ``--arms`` runs some arms,
+``--report_only`` reports whatever has finished.
 
 Output, per comparison ``OUTPUT_DIR/NAME/``: ``summary.md`` (the table), ``summary.json``
 (everything in it plus per-seed values and curves), ``accuracy.png``, ``drift.png``,
@@ -142,7 +151,93 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
         "wall_time_s": math.nan if wall_time_s is None else float(wall_time_s),
         "cpu_time_s": math.nan if cpu_time_s is None else float(cpu_time_s),
         "curves": curves,
+        "risk_tracking": risk_tracking(log_history),
     }
+
+
+def rank_average(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n of ``values``, ties given the average of the ranks they span (as scipy.stats.rankdata)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation: Pearson's r of the tie-averaged ranks. nan for n < 3 or a constant input."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: lengths differ ({len(x)} vs {len(y)})")
+    if len(x) < 3:
+        return math.nan
+    rx, ry = rank_average(list(x)), rank_average(list(y))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return math.nan
+    return sxy / math.sqrt(sxx * syy)
+
+
+EVAL_LOSS = "eval_loss"
+TRAIN_LOSS = "loss"
+# cumulative estimates of the held-out minus training gap, and how to read the gap off each
+CUMULATIVE = {"snr/cumulative_noise": "value", "snr/population_risk": "value - train loss"}
+
+
+def risk_tracking(log_history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How well each logged ``snr/*`` quantity tracks the real held-out loss (``eval_loss``) over one run.
+
+    At the steps where both are logged: ``rho_level`` = Spearman(key, eval_loss); ``rho_change`` =
+    Spearman of their per-interval changes (consecutive common steps). For the cumulative keys
+    (:data:`CUMULATIVE`), the estimated gap (cumulative_noise; population_risk - train loss) against
+    the actual gap eval_loss - train loss at the same step (the train loss is the Trainer's mean over
+    the logging interval): ``gap_rel_mae`` = mean |est - actual| / mean |actual|, and
+    ``gap_final`` / ``gap_est_final`` the two at the last common step.
+    """
+    eval_loss = dict(curve_of(log_history, EVAL_LOSS))
+    train_loss = dict(curve_of(log_history, TRAIN_LOSS))
+    keys = sorted({k for e in log_history for k in e if k.startswith("snr/")})
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        curve = [(s, v) for s, v in curve_of(log_history, key) if s in eval_loss]
+        est = [v for _, v in curve]
+        held = [eval_loss[s] for s, _ in curve]
+        d_est = [b - a for a, b in zip(est, est[1:])]
+        d_held = [b - a for a, b in zip(held, held[1:])]
+        entry: dict[str, Any] = {"n": len(curve), "rho_level": spearman(est, held), "rho_change": spearman(d_est, d_held)}
+        if key in CUMULATIVE:
+            pts = [(s, v) for s, v in curve if s in train_loss]
+            gaps = [eval_loss[s] - train_loss[s] for s, _ in pts]
+            ests = [v - train_loss[s] if key == "snr/population_risk" else v for s, v in pts]
+            denom = statistics.fmean([abs(g) for g in gaps]) if gaps else math.nan
+            entry.update(
+                gap_rel_mae=(statistics.fmean([abs(e - g) for e, g in zip(ests, gaps)]) / denom
+                             if gaps and denom > 0 else math.nan),
+                gap_final=gaps[-1] if gaps else math.nan,
+                gap_est_final=ests[-1] if ests else math.nan,
+            )
+        out[key] = entry
+    return out
+
+
+def recovered_share(arm_acc: float, noisy_acc: float, clean_acc: float) -> float:
+    """Share of the accuracy label noise costs AdamW that an arm recovers: (arm - noisy) / (clean - noisy).
+
+    noisy/clean: AdamW's accuracy with noisy / clean labels. 0 = no better than noisy AdamW, 1 = as
+    good as clean AdamW (> 1: better). nan when the noise costs nothing (clean <= noisy) or an input is nan.
+    """
+    cost = clean_acc - noisy_acc
+    if not all(math.isfinite(v) for v in (arm_acc, noisy_acc, clean_acc)) or cost <= 0:
+        return math.nan
+    return (arm_acc - noisy_acc) / cost
 
 
 def aggregate(values: Sequence[float]) -> dict[str, float]:
@@ -216,8 +311,28 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def swept_learning_rates(config: dict[str, Any], comparison: str) -> dict[str, float]:
+    """{arm name: best lr} from an lr sweep's ``BEST_LR_FROM/COMPARISON/summary.json`` (its ``best_lr``).
+
+    Config key ``best_lr_from`` (a compare output folder, relative to the working directory): an arm
+    of the same name that sets ``learning_rate`` gets the sweep's best instead; arms the sweep did not
+    cover, or a sweep that has not run, keep the config's value (each run's meta says ``lr_from``).
+    """
+    folder = config.get("best_lr_from")
+    if not folder:
+        return {}
+    path = os.path.join(folder, comparison, "summary.json")
+    if not os.path.isfile(path):
+        print(f"compare: no lr sweep at {path}: {comparison} uses the config's learning rates", file=sys.stderr)
+        return {}
+    with open(path) as f:
+        best = json.load(f).get("best_lr", {})
+    return {name: float(b["lr"]) for name, b in best.items() if b.get("lr") is not None}
+
+
 def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None = None,
-           only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None) -> list[Run]:
+           only: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
+           arms: Sequence[str] | None = None) -> list[Run]:
     """Every run of the grid, in order: comparison, arm, learning rate, noise rate, seed."""
     seeds = list(seeds if seeds is not None else config.get("seeds", [0]))
     runs = []
@@ -226,8 +341,15 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
             continue
         noise_rates = comparison.get("noise_rates", config.get("noise_rates", [None]))
         lrs = comparison.get("learning_rates")
+        swept = swept_learning_rates(config, comparison["name"])
         for arm in comparison["arms"]:
-            arm_opts = {k: v for k, v in arm.items() if k not in ("name", "learning_rates")}
+            if arms and arm["name"] not in arms:
+                continue
+            arm_opts = {k: v for k, v in arm.items() if k not in ("name", "learning_rates", "noise_rate")}
+            arm_rates = [arm["noise_rate"]] if "noise_rate" in arm else noise_rates
+            lr_from = "config"
+            if arm["name"] in swept and "learning_rate" in arm_opts:
+                arm_opts["learning_rate"], lr_from = swept[arm["name"]], "sweep"
             if "learning_rate" in arm_opts:
                 arm_lrs, sweep = [arm_opts.pop("learning_rate")], False
             elif arm.get("learning_rates"):
@@ -235,11 +357,11 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
             else:
                 arm_lrs, sweep = lrs or [None], bool(lrs)
             for lr in arm_lrs:
-                for rate in noise_rates:
+                for rate in arm_rates:
                     label = arm["name"]
                     if sweep:
                         label += f" lr={_fmt_lr(lr)}"
-                    if len(noise_rates) > 1:
+                    if len(arm_rates) > 1:
                         label += f" noise={rate:g}"
                     for seed in seeds:
                         options = {**config.get("args", {}), **comparison.get("args", {}), **arm_opts}
@@ -255,7 +377,8 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
                         argv += to_flags(options)
                         runs.append(Run(comparison["name"], label, seed, options.get("noise_rate", 0.0), argv,
                                         run_dir, {"arm": arm["name"], "lr": options.get("learning_rate"),
-                                                  "optim": options.get("optim"), "loss": options.get("loss_type")}))
+                                                  "optim": options.get("optim"), "loss": options.get("loss_type"),
+                                                  "lr_from": lr_from}))
     return runs
 
 
@@ -405,8 +528,43 @@ def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run],
         per_seed = list(arm["seeds"].values())
         arm["stats"] = {k: aggregate([s[k] for s in per_seed]) for k in scalar_keys}
         arm["first_step_above"] = {str(t): [s["first_step_above"][str(t)] for s in per_seed] for t in thresholds}
-    return {"name": name, "title": comparison.get("title", name), "notes": comparison.get("notes", ""),
-            "thresholds": list(thresholds), "sustained_from": from_fraction, "arms": arms}
+        tracked = sorted({k for s in per_seed for k in s["risk_tracking"]})
+        arm["risk_tracking"] = {
+            key: {m: aggregate([s["risk_tracking"].get(key, {}).get(m, math.nan) for s in per_seed])
+                  for m in ("rho_level", "rho_change", "gap_rel_mae", "gap_final", "gap_est_final")
+                  if any(m in s["risk_tracking"].get(key, {}) for s in per_seed)}
+            for key in tracked}
+    summary = {"name": name, "title": comparison.get("title", name), "notes": comparison.get("notes", ""),
+               "thresholds": list(thresholds), "sustained_from": from_fraction, "arms": arms}
+    summary["recovered"] = add_recovered(summary, comparison.get("recovered"))
+    return summary
+
+
+def add_recovered(summary: dict[str, Any], spec: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Per arm, the share of AdamW's noise cost it recovers (:func:`recovered_share`), on final and sustained acc.
+
+    ``spec`` = {"clean": label of the AdamW arm at noise 0, "noisy": label of the noisy AdamW arm}; by default
+    the one arm with noise_rate 0 and the first arm with noise_rate > 0. The cost and the noisy level are the
+    seed means of those two arms; each arm's per-seed values give its spread (the baselines' own spread is
+    in their rows). Written into every arm's stats as ``recovered`` / ``recovered_sustained``; returns the
+    baselines and the cost, or None when there is no clean arm.
+    """
+    arms = summary["arms"]
+    spec = dict(spec or {})
+    clean = spec.get("clean") or next((lbl for lbl, a in arms.items() if a["noise_rate"] == 0), None)
+    noisy = spec.get("noisy") or next((lbl for lbl, a in arms.items() if a["noise_rate"] > 0), None)
+    if clean not in arms or noisy not in arms:
+        return None
+    out: dict[str, Any] = {"clean_arm": clean, "noisy_arm": noisy}
+    for key, name in (("final_acc", "recovered"), ("sustained_acc", "recovered_sustained")):
+        c, n = arms[clean]["stats"][key]["mean"], arms[noisy]["stats"][key]["mean"]
+        out[f"noise_cost_{key}"] = c - n
+        for label, arm in arms.items():
+            if arm["noise_rate"] == 0:
+                arm["stats"][name] = aggregate([])
+                continue
+            arm["stats"][name] = aggregate([recovered_share(s[key], n, c) for s in arm["seeds"].values()])
+    return out
 
 
 def verdict(summary: dict[str, Any]) -> list[str]:
@@ -469,7 +627,8 @@ def markdown(summary: dict[str, Any]) -> str:
     frac = summary["sustained_from"]
     head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", f"sustained acc"]
     head += [f"first step ≥ {t:g}" for t in th]
-    head += ["drift", "flipped fit", "mask mean", "wall s", "cpu s"]
+    has_rec = bool(summary.get("recovered"))
+    head += ["drift", "flipped fit"] + (["recovered"] if has_rec else []) + ["mask mean", "wall s", "cpu s"]
     lines = [f"## {summary['title']}", ""]
     if summary["notes"]:
         lines += [summary["notes"].strip(), ""]
@@ -481,7 +640,9 @@ def markdown(summary: dict[str, Any]) -> str:
         row = [label, str(meta.get("optim") or ""), "" if lr is None else f"{float(lr):g}", f"{arm['noise_rate']:g}",
                _cell(st["final_acc"]), _cell(st["peak_acc"]), _cell(st["sustained_acc"])]
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
-        row += [_cell(st["drift"]), _cell(st["flipped_fit"]), _cell(st["mask_mean"]), _cell(st["wall_time_s"], 0),
+        row += [_cell(st["drift"]), _cell(st["flipped_fit"])]
+        row += [_cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"] if has_rec else []
+        row += [_cell(st["mask_mean"]), _cell(st["wall_time_s"], 0),
                 _cell(st["cpu_time_s"], 0)]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
@@ -496,6 +657,18 @@ def markdown(summary: dict[str, Any]) -> str:
         f"(cpu s: the run's own CPU time, what a busy shared machine does not inflate).",
         "",
     ]
+    sources = {label: arm["meta"].get("lr_from") for label, arm in summary["arms"].items()}
+    if any(v == "sweep" for v in sources.values()):
+        lines += ["Learning rates: " + "; ".join(
+            f"{label} {float(summary['arms'][label]['meta']['lr']):g} ({src})"
+            for label, src in sources.items()) + " (sweep: the lr sweep's best sustained accuracy, 1 seed).", ""]
+    rec = summary.get("recovered")
+    if rec:
+        lines += [f"Recovered: the share of the final clean accuracy that label noise costs AdamW which the arm "
+                  f"recovers, (arm − {rec['noisy_arm']}) / ({rec['clean_arm']} − {rec['noisy_arm']}), with the "
+                  f"baselines' seed means (noise cost {rec['noise_cost_final_acc']:+.3f}); mean ± sd over the arm's "
+                  f"seeds. 0 = noisy AdamW, 1 = clean AdamW.", ""]
+    lines += risk_markdown(summary)
     best = best_learning_rates(summary)
     if best:
         lines += ["Best learning rate per arm (highest mean sustained accuracy): " + "; ".join(
@@ -504,6 +677,39 @@ def markdown(summary: dict[str, Any]) -> str:
     else:
         lines += verdict(summary)
     return "\n".join(lines) + "\n"
+
+
+RISK_KEYS = ("snr/population_risk", "snr/cumulative_noise", "snr/noise", "snr/population_gain")
+
+
+def risk_markdown(summary: dict[str, Any]) -> list[str]:
+    """The "risk tracking" table: per arm that logs snr/*, Spearman with eval_loss (level / change) and gap error."""
+    rows = [(label, arm) for label, arm in summary["arms"].items() if arm.get("risk_tracking")]
+    if not rows:
+        return []
+    keys = [k for k in RISK_KEYS if any(k in arm["risk_tracking"] for _, arm in rows)]
+    head = ["arm"] + [f"{k.split('/')[1]} ρ level / ρ Δ" for k in keys]
+    head += [f"{k.split('/')[1]} gap rel. err" for k in keys if k in CUMULATIVE]
+    lines = ["### Risk tracking", "",
+             "How each candidate risk estimate tracks the real held-out loss (eval_loss on the clean eval pairs) over "
+             "a run: Spearman ρ with eval_loss at the evaluated steps (level), and of its per-interval change with "
+             "eval_loss's change (Δ); for the cumulative estimates, gap rel. err = mean |estimated gap − (eval_loss − "
+             "train loss)| / mean |eval_loss − train loss| (estimated gap: cumulative_noise; population_risk − train "
+             "loss; 0 = exact, 1 = as far off as predicting no gap). Mean ± sd over seeds; every snr/* key is in "
+             "summary.json.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, arm in rows:
+        rt = arm["risk_tracking"]
+        row = [label]
+        for k in keys:
+            m = rt.get(k, {})
+            row.append(f"{_cell(m['rho_level'], 2)} / {_cell(m['rho_change'], 2)}" if m else "n/a")
+        for k in keys:
+            if k in CUMULATIVE:
+                m = rt.get(k, {})
+                row.append(_cell(m["gap_rel_mae"], 2) if "gap_rel_mae" in m else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
@@ -620,6 +826,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", help='run each arm as a subprocess under this launcher, e.g. '
                                     '"accelerate launch --config_file accelerate_configs/multi_gpu.yaml"')
     p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists")
+    p.add_argument("--arms", nargs="+", help="run only these arms (names), in every selected comparison")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: report the runs whose results.json exists (what has finished), list the rest")
     p.add_argument("--dry_run", action="store_true", help="check and list the runs, train nothing")
     return p
 
@@ -629,16 +838,23 @@ def main(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     config = load_config(opts.config)
     output_dir = opts.output_dir or config.get("output_dir") or "outputs/compare"
-    runs = expand(config, output_dir, opts.seeds, opts.only, dict(opts.overrides))
+    runs = expand(config, output_dir, opts.seeds, opts.only, dict(opts.overrides), opts.arms)
     if not runs:
-        raise SystemExit(f"no runs: --only {opts.only} matches none of the comparisons")
+        raise SystemExit(f"no runs: --only {opts.only} / --arms {opts.arms} match nothing")
+    if opts.report_only:
+        missing = [r for r in runs if not os.path.isfile(os.path.join(r.run_dir, "results.json"))]
+        for r in missing:
+            print(f"compare: not run: {r.comparison} | {r.arm} | seed {r.seed}")
+        runs = [r for r in runs if r not in missing]
+        if not runs:
+            raise SystemExit("compare --report_only: no finished runs")
     check_runs(runs)
     if opts.dry_run:
         for run in runs:
             print(f"{run.comparison} | {run.arm} | seed {run.seed} | " + shlex.join(run.argv))
         return ""
     jobs = opts.jobs if opts.jobs is not None else int(config.get("jobs", 1))
-    results = execute(runs, jobs=jobs, launch=opts.launch, reuse=opts.reuse)
+    results = execute(runs, jobs=jobs, launch=opts.launch, reuse=opts.reuse or opts.report_only)
     text = report(config, runs, results, output_dir, time.perf_counter() - start)
     print("\n" + text)
     print(f"compare: report and plots in {os.path.abspath(output_dir)} (summary.md; one folder per comparison); "

@@ -137,6 +137,15 @@ class NoisyDPOArguments(ScriptArguments):
         metadata={"help": "torch.set_num_threads for this run. 1 is fastest for the tiny model: its matrices are too "
                           "small to split, and on a busy machine extra threads spin-wait (8x slower measured)."},
     )
+    sft_steps: int = field(
+        default=0,
+        metadata={"help": "Before DPO: this many steps of plain causal-LM training (SFT) of the policy on the training "
+                          "pairs' texts (prompt + chosen and prompt + rejected; labels unused), then the SFT model is "
+                          "both the DPO starting point and the (frozen) reference. 0: no SFT stage. Tiny model only."},
+    )
+    sft_learning_rate: float = field(default=3e-3, metadata={"help": "SFT stage: AdamW learning rate (constant)."})
+    sft_batch_size: int = field(default=32, metadata={"help": "SFT stage: texts per step."})
+    sft_weight_decay: float = field(default=0.0, metadata={"help": "SFT stage: AdamW weight decay."})
     save_model: bool = field(default=True, metadata={"help": "Save the trained model to output_dir at the end."})
     results_file: str = field(
         default="results.json", metadata={"help": "Where the run's results go, relative to output_dir."}
@@ -303,6 +312,88 @@ def build_model(script_args, training_args, model_args, train: Dataset, test: Da
     return name, None, None  # TRL loads the model, the reference and the tokenizer from `name`
 
 
+# -- the SFT stage: a "pretrained" reference policy -----------------------------------------------------
+def sft_texts(train: Dataset, tokenizer) -> list[str]:
+    """prompt + chosen and prompt + rejected of every training pair (strings; chats through the chat template).
+
+    The labels are not used: both responses of a pair are texts of the task's language, so a swapped
+    pair gives the same two texts as its clean version.
+    """
+    texts = []
+    for row in train:
+        for response in (row["chosen"], row["rejected"]):
+            prompt = row.get("prompt")
+            if isinstance(response, list):  # conversational
+                chat = (prompt if isinstance(prompt, list) else []) + response
+                texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
+            else:
+                texts.append(f"{prompt or ''}{response}{tokenizer.eos_token or ''}")
+    return texts
+
+
+def sft_stage(model, tokenizer, texts: list[str], steps: int, learning_rate: float, batch_size: int = 32,
+              seed: int = 0, max_length: int | None = None, weight_decay: float = 0.0) -> dict[str, Any]:
+    """Train ``model`` in place for ``steps`` AdamW steps of causal-LM loss on ``texts``; deterministic per seed.
+
+    Batches are drawn by a ``torch.Generator`` seeded with ``seed`` (a new permutation of the texts per
+    epoch), no dropout (model.train() only for the duration). Returns the per-step losses and the mean
+    LM loss over all texts (no grad) before and after, in nats per token.
+    """
+    if steps <= 0 or not texts:
+        return {"steps": 0}
+    enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+    ids = [torch.tensor(x, dtype=torch.long) for x in enc["input_ids"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+
+    def batch(indices):
+        seqs = [ids[i] for i in indices]
+        width = max(len(x) for x in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, x in enumerate(seqs):
+            input_ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        return input_ids.to(device), mask.to(device), labels.to(device)
+
+    def mean_loss():
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(ids), 256):
+                input_ids, mask, labels = batch(range(start, min(start + 256, len(ids))))
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(model(input_ids=input_ids, attention_mask=mask, labels=labels).loss) * n
+                count += n
+        model.train(was_training)
+        return total / max(count, 1)
+
+    before = mean_loss()
+    generator = torch.Generator().manual_seed(int(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=False)
+    model.train()
+    losses: list[float] = []
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(ids), generator=generator).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        input_ids, mask, labels = batch(chosen)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "texts": len(ids),
+            "loss_before": before, "loss_after": mean_loss(), "losses": losses}
+
+
 # -- checks and results ------------------------------------------------------------------------------
 def check_world_size(trainer, expected: int | None) -> None:
     if expected is None:
@@ -401,6 +492,21 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
                        training_args.world_size)
         training_args.precompute_ref_log_probs = False
     model, ref_model, tokenizer = build_model(script_args, training_args, model_args, train, test)
+    sft = {"steps": 0}
+    if script_args.sft_steps:
+        if isinstance(model, str) or model_args.use_peft:
+            raise ValueError("--sft_steps needs the in-memory tiny model without PEFT (--model_name_or_path tiny)")
+        sft_start = time.perf_counter()
+        sft = sft_stage(model, tokenizer, sft_texts(train, tokenizer), script_args.sft_steps,
+                        script_args.sft_learning_rate, script_args.sft_batch_size, seed=training_args.seed,
+                        max_length=training_args.max_length, weight_decay=script_args.sft_weight_decay)
+        sft["wall_time_s"] = time.perf_counter() - sft_start
+        for p in model.parameters():
+            p.grad = None
+        ref_model = copy.deepcopy(model)  # the SFT model is the reference: drift 0 at DPO step 0
+        if not quiet:
+            print(f"noisy_dpo: SFT {sft['steps']} steps, LM loss {sft['loss_before']:.3f} -> {sft['loss_after']:.3f} "
+                  f"nats/token ({sft['wall_time_s']:.1f} s)")
     # quiet: TRL's reference-log-prob bars (at construction and at evaluation) read TQDM_DISABLE at call time
     with _env("TQDM_DISABLE", "1" if quiet else None):
         trainer = SNRDPOTrainer(
@@ -433,6 +539,7 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         "eval_pairs": len(test) if test is not None else 0,
         "wall_time_s": wall,
         "cpu_time_s": cpu,  # this process's CPU time: a load-independent cost on a shared machine
+        "sft": sft,
         "final": final_metrics(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }

@@ -219,7 +219,9 @@ def test_compare_writes_table_json_and_plots(compare, tmp_path):
     out = compare.main(["--config", str(path)])
     folder = pathlib.Path(out) / "tiny_grid"
     table = (folder / "summary.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    main_table, risk_table = table.split("### Risk tracking")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in risk_table.splitlines() if r.startswith("| ")][1:] == ["| snr"]  # SNR logs snr/*
     assert rows[0].startswith("| arm | optim | lr | noise | final acc") and "first step ≥ 0.55" in rows[0]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| adamw", "| snr"]
     assert "**snr** vs **adamw**" in table
@@ -282,3 +284,114 @@ def test_smollm2_config_runs_one_step(noisy_dpo, tmp_path):
     final = results["final"]
     assert math.isfinite(final["loss"]) and math.isfinite(final["eval_rewards/accuracies"])
     assert "snr/mask_mean" in final
+
+
+# -- the SFT stage (a "pretrained" reference), the recovered share, Spearman, risk tracking ---------------
+def test_sft_stage_is_deterministic_reduces_lm_loss_and_is_the_reference(noisy_dpo, tmp_path):
+    argv = ["--config", TINY, *SMALL, "--optim", "adamw_torch", "--sft_steps", "30", "--sft_learning_rate", "1e-2",
+            "--eval_on_start", "true"]
+    a = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--output_dir", str(tmp_path / "a")]))
+    b = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--output_dir", str(tmp_path / "b")]))
+    sft = a["sft"]
+    assert sft["steps"] == 30 and len(sft["losses"]) == 30 and sft["texts"] == 2 * 64
+    assert sft["loss_after"] < sft["loss_before"] - 1.0  # SFT learns the task's language
+    assert sft["losses"] == b["sft"]["losses"] and sft["loss_after"] == b["sft"]["loss_after"]  # per seed
+    losses = lambda r: [e["loss"] for e in r["log_history"] if "loss" in e]  # noqa: E731
+    assert losses(a) == losses(b)
+    start = next(e for e in a["log_history"] if e.get("step") == 0 and "eval_rewards/drift" in e)
+    assert start["eval_rewards/drift"] == 0.0  # the reference is the SFT model itself at DPO step 0
+    other = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--seed", "1", "--output_dir", str(tmp_path / "c")]))
+    assert other["sft"]["losses"] != sft["losses"]  # another seed, another model and batch order
+    none = noisy_dpo.main(*noisy_dpo.parse_args(["--config", TINY, *SMALL, "--eval_strategy", "no",
+                                                 "--output_dir", str(tmp_path / "d")]))
+    assert none["sft"] == {"steps": 0}
+
+
+def test_spearman_with_ties(compare):
+    assert compare.rank_average([10, 20, 20, 5]) == [2.0, 3.5, 3.5, 1.0]
+    assert compare.spearman([1, 2, 3, 4], [10, 20, 30, 100]) == pytest.approx(1.0)
+    assert compare.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties averaged: x ranks 1,2.5,2.5,4; y ranks 1,2,3,4 -> r = 4.5 / sqrt(4.5 * 5)
+    assert compare.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5.0))
+    assert compare.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
+    assert math.isnan(compare.spearman([1, 1, 1], [1, 2, 3])) and math.isnan(compare.spearman([1, 2], [1, 2]))
+
+
+def test_recovered_share(compare):
+    assert compare.recovered_share(0.70, 0.60, 0.80) == pytest.approx(0.5)
+    assert compare.recovered_share(0.60, 0.60, 0.80) == 0.0
+    assert compare.recovered_share(0.85, 0.60, 0.80) == pytest.approx(1.25)
+    assert compare.recovered_share(0.55, 0.60, 0.80) == pytest.approx(-0.25)
+    assert math.isnan(compare.recovered_share(0.7, 0.8, 0.8))  # noise costs nothing: undefined
+    summary = {"arms": {
+        "adamw": {"noise_rate": 0.3, "seeds": {0: {"final_acc": 0.6, "sustained_acc": 0.5},
+                                               1: {"final_acc": 0.6, "sustained_acc": 0.5}}},
+        "adamw clean": {"noise_rate": 0.0, "seeds": {0: {"final_acc": 0.8, "sustained_acc": 0.7},
+                                                     1: {"final_acc": 0.8, "sustained_acc": 0.7}}},
+        "snr": {"noise_rate": 0.3, "seeds": {0: {"final_acc": 0.7, "sustained_acc": 0.6},
+                                             1: {"final_acc": 0.65, "sustained_acc": 0.5}}}}}
+    for arm in summary["arms"].values():
+        arm["stats"] = {k: compare.aggregate([s[k] for s in arm["seeds"].values()])
+                        for k in ("final_acc", "sustained_acc")}
+    out = compare.add_recovered(summary)
+    assert out["clean_arm"] == "adamw clean" and out["noisy_arm"] == "adamw"
+    assert out["noise_cost_final_acc"] == pytest.approx(0.2)
+    rec = summary["arms"]["snr"]["stats"]["recovered"]
+    assert rec["mean"] == pytest.approx(0.375) and rec["sd"] == pytest.approx(math.sqrt(2) * 0.125)
+    assert summary["arms"]["adamw"]["stats"]["recovered"]["mean"] == 0.0
+    assert summary["arms"]["adamw clean"]["stats"]["recovered"]["n"] == 0
+    assert summary["arms"]["snr"]["stats"]["recovered_sustained"]["mean"] == pytest.approx(0.25)
+
+
+def test_risk_tracking_on_a_hand_made_log(compare):
+    log = []
+    for i, step in enumerate((10, 20, 30, 40)):
+        log.append({"loss": 0.7 - 0.1 * i, "snr/cumulative_noise": 0.05 * (i + 1),
+                    "snr/population_risk": 0.7 - 0.1 * i + 0.05 * (i + 1), "snr/noise": [0.3, 0.1, 0.2, 0.05][i],
+                    "step": step})
+        log.append({"eval_loss": [0.72, 0.65, 0.66, 0.6][i], "eval_snr/noise": 1.0, "step": step})
+    rt = compare.risk_tracking(log)
+    assert set(rt) == {"snr/cumulative_noise", "snr/population_risk", "snr/noise"}  # eval_snr/* not a candidate
+    assert rt["snr/cumulative_noise"]["n"] == 4
+    assert rt["snr/cumulative_noise"]["rho_level"] == pytest.approx(-0.8)  # rising while eval_loss mostly falls
+    assert rt["snr/noise"]["rho_level"] == pytest.approx(1.0)  # same order as eval_loss
+    assert rt["snr/noise"]["rho_change"] == pytest.approx(1.0)  # changes -0.2,+0.1,-0.15 vs -0.07,+0.01,-0.06
+    gaps = [0.72 - 0.7, 0.65 - 0.6, 0.66 - 0.5, 0.6 - 0.4]
+    ests = [0.05, 0.10, 0.15, 0.20]
+    mae = sum(abs(e - g) for e, g in zip(ests, gaps)) / 4 / (sum(gaps) / 4)
+    for key in ("snr/cumulative_noise", "snr/population_risk"):
+        assert rt[key]["gap_rel_mae"] == pytest.approx(mae)
+        assert rt[key]["gap_final"] == pytest.approx(0.2) and rt[key]["gap_est_final"] == pytest.approx(0.2)
+    assert "gap_rel_mae" not in rt["snr/noise"]
+
+
+def test_compare_clean_baseline_recovered_and_risk_tracking(compare, tmp_path):
+    import yaml
+
+    config = {
+        "output_dir": str(tmp_path / "out"), "base_config": TINY,
+        "args": {"train_pairs": 64, "eval_pairs": 32, "max_steps": 6, "eval_steps": 2, "logging_steps": 2,
+                 "per_device_train_batch_size": 16, "sft_steps": 5},
+        "seeds": [0], "noise_rates": [0.3],
+        "comparisons": [{"name": "g", "recovered": {"clean": "adamw clean", "noisy": "adamw"}, "arms": [
+            {"name": "adamw", "optim": "adamw_torch", "learning_rate": 3.0e-3},
+            {"name": "adamw clean", "optim": "adamw_torch", "learning_rate": 3.0e-3, "noise_rate": 0.0},
+            {"name": "snr", "optim": "snr_adamw", "optim_args": "noise=ema,fused=true", "learning_rate": 1.0e-2}]}],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = compare.expand(compare.load_config(path), str(tmp_path / "x"))
+    assert [r.noise_rate for r in runs] == [0.3, 0.0, 0.3] and [r.arm for r in runs][1] == "adamw clean"
+    out = compare.main(["--config", str(path)])
+    folder = pathlib.Path(out) / "g"
+    table = (folder / "summary.md").read_text()
+    assert "| recovered |" in table.splitlines()[2] + " |" or "recovered" in table.splitlines()[2]
+    assert "### Risk tracking" in table and "population_risk ρ level / ρ Δ" in table
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["recovered"]["clean_arm"] == "adamw clean"
+    assert "recovered" in summary["arms"]["snr"]["stats"]
+    rt = summary["arms"]["snr"]["risk_tracking"]
+    for key in ("snr/population_risk", "snr/cumulative_noise", "snr/noise", "snr/population_gain"):
+        assert rt[key]["rho_level"]["n"] == 1, key
+    assert "gap_rel_mae" in rt["snr/population_risk"]
+    assert summary["arms"]["adamw"]["risk_tracking"] == {}
