@@ -4,6 +4,8 @@ complex parameters: hand math, both code paths, resume, pure-noise and constant-
 import copy
 import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,48 +197,21 @@ def test_resume_equals_a_straight_run(name, tmp_path):
 
 
 # -- pure noise and a constant gradient -----------------------------------------------------------------
-def _expect(f, n=2_000_000):
-    z = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return f(z * z).mean().item()
+# The pure-noise cases, their derived values and the measurement live in benchmarks/pure_noise_gate.py (the
+# README's table); this test holds the measurement to the derivation.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from pure_noise_gate import CASES as PURE_NOISE_CASES, C, mask_mean as _mask_mean_on  # noqa: E402
 
-
-C = (1 - 0.9) / (1 + 0.9)
-PURE_NOISE = {
-    # name: (options, expected mean of the gate under zero-mean gradients, tolerance)
-    "default": ({}, _expect(lambda z2: C * z2 / (C * z2 + 1 + C)), 0.01),
-    "noise_ema": (dict(noise="ema"), _expect(lambda z2: z2 / (z2 + 1 + C)), 0.02),
-    "signal_step": (dict(signal="step"), _expect(lambda z2: z2 / (z2 + 1 + C)), 0.02),
-    "microbatch": (dict(variance="microbatch"), _expect(lambda z2: C * z2 / (C * z2 + 1)), 0.01),
-    "microbatch_noise_ema": (dict(variance="microbatch", noise="ema"), _expect(lambda z2: z2 / (z2 + 1)), 0.02),
-    "microbatch_signal_step": (dict(variance="microbatch", signal="step"), _expect(lambda z2: z2 / (z2 + 1)), 0.02),
-    # rows of 200: the sums concentrate, q -> c V / (c V + c V (1 + c)) = 1 / (2 + c)
-    "row_noise_ema": (dict(reduction="row", noise="ema"), 1 / (2 + C), 0.03),
-    "hard_noise_ema": (dict(mask="hard", noise="ema"), _expect(lambda z2: (z2 > 1 + C).double()), 0.02),
-}
+# tolerances: the gate's mean over 100 steps x 4000 coordinates; the EMA estimates of sigma^2 are themselves noisy
+# (rho = 0.99), which moves the mean by up to ~0.005 for the snr gate at c-scale and ~0.01 at Z^2-scale
+PURE_NOISE = {name: (opts, derived, 0.01 if derived < 0.1 else 0.02) for name, opts, _, derived in PURE_NOISE_CASES}
 
 
 def test_the_derived_values_are_the_documented_ones():
-    assert PURE_NOISE["default"][1] == pytest.approx(0.044, abs=0.001)
-    assert PURE_NOISE["noise_ema"][1] == pytest.approx(0.34, abs=0.005)
+    assert PURE_NOISE["mask=snr (default)"][1] == pytest.approx(0.044, abs=0.001)
+    assert PURE_NOISE["noise=ema"][1] == pytest.approx(0.34, abs=0.005)
     assert ema_noise_scale(1, 0.9) == pytest.approx(1.0)
     assert ema_noise_scale(1e6, 0.9) == pytest.approx(C)
-
-
-def _mask_mean_on(gradient, opts, steps=400, shape=(20, 200), k=2):
-    p = torch.nn.Parameter(torch.zeros(shape))
-    opt = SNRAdamW([p], lr=1e-3, weight_decay=0.0, **opts)
-    gen = torch.Generator().manual_seed(1)
-    means = []
-    for t in range(1, steps + 1):
-        p.grad = None
-        for _ in range(k):
-            ((p * gradient(gen, shape)).sum() / k).backward()
-        if t > steps - 100:
-            opt.request_stats()
-        opt.step()
-        if t > steps - 100:
-            means.append(opt.last_stats["mask_mean"])
-    return sum(means) / len(means)
 
 
 @pytest.mark.parametrize("name", PURE_NOISE)
