@@ -146,6 +146,12 @@ class NoisyDPOArguments(ScriptArguments):
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "SFT stage: AdamW learning rate (constant)."})
     sft_batch_size: int = field(default=32, metadata={"help": "SFT stage: texts per step."})
     sft_weight_decay: float = field(default=0.0, metadata={"help": "SFT stage: AdamW weight decay."})
+    sft_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "SFT stage: keep each SFT model here, keyed by a hash of everything it depends on (texts, "
+                          "model and SFT settings, seed), and load it instead of retraining (arms of one comparison "
+                          "share it; the weights are the same as a fresh SFT)."},
+    )
     save_model: bool = field(default=True, metadata={"help": "Save the trained model to output_dir at the end."})
     results_file: str = field(
         default="results.json", metadata={"help": "Where the run's results go, relative to output_dir."}
@@ -497,9 +503,31 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         if isinstance(model, str) or model_args.use_peft:
             raise ValueError("--sft_steps needs the in-memory tiny model without PEFT (--model_name_or_path tiny)")
         sft_start = time.perf_counter()
-        sft = sft_stage(model, tokenizer, sft_texts(train, tokenizer), script_args.sft_steps,
-                        script_args.sft_learning_rate, script_args.sft_batch_size, seed=training_args.seed,
-                        max_length=training_args.max_length, weight_decay=script_args.sft_weight_decay)
+        texts = sft_texts(train, tokenizer)
+        settings = dict(steps=script_args.sft_steps, lr=script_args.sft_learning_rate,
+                        batch=script_args.sft_batch_size, wd=script_args.sft_weight_decay, seed=training_args.seed,
+                        max_length=training_args.max_length, dtype=str(next(model.parameters()).dtype),
+                        model=[script_args.tiny_hidden, script_args.tiny_layers, script_args.tiny_heads,
+                               script_args.tiny_ffn], vocab=len(tokenizer), torch=torch.__version__)
+        cache = None
+        if script_args.sft_cache_dir:
+            import hashlib
+
+            digest = hashlib.sha256(json.dumps([settings, texts]).encode()).hexdigest()[:24]
+            cache = os.path.join(script_args.sft_cache_dir, f"sft-{digest}.pt")
+        if cache and os.path.isfile(cache):
+            saved = torch.load(cache, map_location="cpu", weights_only=False)
+            model.load_state_dict(saved["state_dict"])
+            sft = {**saved["sft"], "cached": cache}
+        else:
+            sft = sft_stage(model, tokenizer, texts, script_args.sft_steps, script_args.sft_learning_rate,
+                            script_args.sft_batch_size, seed=training_args.seed, max_length=training_args.max_length,
+                            weight_decay=script_args.sft_weight_decay)
+            if cache:
+                os.makedirs(script_args.sft_cache_dir, exist_ok=True)
+                tmp = f"{cache}.{os.getpid()}.tmp"
+                torch.save({"state_dict": model.state_dict(), "sft": sft, "settings": settings}, tmp)
+                os.replace(tmp, cache)
         sft["wall_time_s"] = time.perf_counter() - sft_start
         for p in model.parameters():
             p.grad = None

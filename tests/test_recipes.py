@@ -300,6 +300,10 @@ def test_sft_stage_is_deterministic_reduces_lm_loss_and_is_the_reference(noisy_d
     assert losses(a) == losses(b)
     start = next(e for e in a["log_history"] if e.get("step") == 0 and "eval_rewards/drift" in e)
     assert start["eval_rewards/drift"] == 0.0  # the reference is the SFT model itself at DPO step 0
+    cached = [noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--sft_cache_dir", str(tmp_path / "cache"),
+                                                    "--output_dir", str(tmp_path / f"cache{i}")])) for i in (0, 1)]
+    assert "cached" not in cached[0]["sft"] and cached[1]["sft"]["cached"].startswith(str(tmp_path / "cache"))
+    assert losses(cached[0]) == losses(cached[1]) == losses(a)  # a cached SFT model is the same model
     other = noisy_dpo.main(*noisy_dpo.parse_args([*argv, "--seed", "1", "--output_dir", str(tmp_path / "c")]))
     assert other["sft"]["losses"] != sft["losses"]  # another seed, another model and batch order
     none = noisy_dpo.main(*noisy_dpo.parse_args(["--config", TINY, *SMALL, "--eval_strategy", "no",

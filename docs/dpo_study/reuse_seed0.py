@@ -17,6 +17,9 @@ def _key(argv):
     flags = list(argv)
     i = flags.index("--output_dir")
     del flags[i:i + 2]
+    if "--sft_cache_dir" in flags:  # where the SFT model is kept, not what it is
+        i = flags.index("--sft_cache_dir")
+        del flags[i:i + 2]
     return tuple(flags)
 
 
