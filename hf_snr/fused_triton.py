@@ -13,8 +13,9 @@ division and square root (``div_rn``, ``sqrt_rn``), no other contraction), with 
   - ``found_inf`` (optional, every function but :func:`gate`): a one-element float32 tensor on the
     device (a GradScaler's ``found_inf``, an all-reduced overflow flag). When it is nonzero the
     call is a no-op for every tensor — p, m, v, s, sq untouched — decided inside the kernel (each
-    program loads the flag and masks all its loads and stores); the statistics and the row sums of
-    such a call are zeros;
+    program loads the flag and then has an empty range: no load or store of the tensors); the
+    statistics and the row sums of such a call are zeros (the parameters' autograd version
+    counters are still bumped: the host does not know);
   - bc1, bc2, bcr, noise_scale and gate_open may be Python numbers or sequences (uploaded through
     pinned memory without waiting), or tensors already on the device (used as they are);
   - the pointer arrays and the work list are built on the host once per set of tensors (cached by
@@ -24,10 +25,12 @@ division and square root (``div_rn``, ``sqrt_rn``), no other contraction), with 
 * **Reductions are two-stage and deterministic**: every program writes its partial sums (float64)
   to its own slot, then torch's sum (statistics) or a second small kernel (row sums, one program
   per row summing that row's blocks in order) combines them: the same inputs give the same bits.
-* **Work layout**: one launch per dtype signature (p/g, s, p0) over a grid of (tensor, block)
-  pairs of ``BLOCK`` = 1024 elements; for the row sums of :func:`moments` the blocks do not cross
-  rows (a row shorter than a block is one program), for :func:`update` the row gate is gathered
-  per element, so blocks span rows. ``num_threads`` is accepted and ignored.
+* **Work layout**: one launch per dtype signature (p/g, s, p0) over a grid of (tensor, range)
+  items, each a program walking its range in blocks of ``BLOCK`` = 1024 elements (4 warps): one
+  block per item, or up to 64 for groups of more than 16384 blocks (a short work list for large
+  models). For the row sums of :func:`moments` the items do not cross rows (a row shorter than a
+  block is one program: rows of a few elements leave most lanes idle), for :func:`update` the row
+  gate is gathered per element, so blocks span rows. ``num_threads`` is accepted and ignored.
 * bf16 values are read as fp32 and stored rounded to nearest even with Triton's cast
   (``cvt.rn.bf16.f32``). Under the Triton interpreter (``TRITON_INTERPRET=1``, used by the tests on
   CPU) the cast is done with integer arithmetic instead (the interpreter's fp32 -> bf16 conversion
@@ -73,7 +76,6 @@ _ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _contig = torch.Tensor.is_contiguous
 _dtype = torch.Tensor.dtype.__get__
-_device = torch.Tensor.device.__get__
 
 try:
     _increment_version = torch._C._increment_version  # takes a list (torch >= 2.4)
@@ -244,8 +246,14 @@ def _define_kernels():
                     acc4 += tl.sum(tl.where(msk, sig2.to(tl.float64), 0.0), axis=0)
             else:
                 # the gate
-                if ROWS:
-                    q = tl.load(q_rows + row_first + offs // row_len, mask=msk, other=0.0)
+                if ROWS:  # the row of each element, without a 64-bit division per element
+                    r0 = base // row_len
+                    local = offs - r0 * row_len  # in [0, row_len + BLOCK)
+                    if row_len >= BLOCK:  # the block spans at most two rows
+                        r = r0 + (local >= row_len).to(tl.int64)
+                    else:  # local < 2 BLOCK: 32-bit division
+                        r = r0 + (local.to(tl.int32) // row_len.to(tl.int32)).to(tl.int64)
+                    q = tl.load(q_rows + row_first + r, mask=msk, other=0.0)
                 elif MASK == 0:
                     q = tl.div_rn(mu2, _clamp_min(mu2 + c * sig2, 1.1754943508222875e-38))
                 elif MASK == 1:
@@ -662,8 +670,9 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             if not _grads_ok(grads, plan, n):
                 _check_list("grads", grads, n, [(d,) for d in plan.pdtypes], plan.numels, plan.device)
                 raise ValueError("fused_triton: grads do not match the parameters")  # pragma: no cover
-    dev = plan.device if plan.device is not None else (
-        torch.device("cpu") if _interpret() or not torch.cuda.is_available() else torch.device("cuda"))
+    dev = plan.device if plan.device is not None else (  # an empty group
+        torch.device("cpu") if _interpret() or not torch.cuda.is_available()
+        else torch.device("cuda", torch.cuda.current_device()))
     if found_inf is not None:
         if (not isinstance(found_inf, torch.Tensor) or found_inf.dtype != _F32 or found_inf.numel() != 1
                 or found_inf.device != dev):
@@ -738,7 +747,8 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             PASS=pass_, MASK=mask_k, SIGNAL=signal_k, VARIANCE=variance_k, DECAY=int(use_p0),
             WANT_STATS=want, ROWS=rows_mode, PER_TENSOR=tsc_all is not None, HAS_FLAG=flag is not None,
             LERP_SMALL=lerp_small, P_BF16=sub.p_bf16, S_BF16=sub.s_bf16, P0_BF16=sub.p0_bf16,
-            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, BLOCK=BLOCK, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, BLOCK=BLOCK, num_warps=_NUM_WARPS,
+            enable_fp_fusion=False)
     if pass_ == _PASS_MOMENTS:
         if out is not None and plan.rows:
             rowsum[(plan.rows,)](partials, plan.row_items_dev, out, CHUNK=_ROWSUM_CHUNK, num_warps=1)

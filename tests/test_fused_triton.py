@@ -4,8 +4,10 @@ Without a GPU the kernel runs under the Triton interpreter (TRITON_INTERPRET=1) 
 the same kernel source, each program executed with numpy (IEEE fp32 ops, true fmas). There the
 results also equal the CPU kernel (hf_snr.fused_cpu) bit for bit, which these tests check where
 it builds. The one path the interpreter does not run is the bf16 cast (it uses integer rounding
-there, see the module doc); compiled code, launch configuration and the absence of host
-synchronisation need a GPU. The availability tests run everywhere.
+there, see the module doc). Without a GPU the compiled path is checked as far as it goes: the
+kernel compiles to sm_90 code with IEEE division and square root and no other fused operations.
+With a CUDA device (test_cuda_*) the compiled kernel runs against the same reference, and a step
+runs under torch's sync debug mode. The availability tests run everywhere.
 
 The interpreter has to be switched on before triton is first imported (triton.language's own
 functions, tl.sum and the like, are decorated at import), so a normal run leaves the interpreter
@@ -338,7 +340,8 @@ def test_mixed_dtype_group(interp, two_pass):
     """One launch per dtype signature: the same results as separate calls, rows in the group's order."""
     shapes = [(3, 5), (7,), (4, 129), (1023,), (2, 2), (5,)]
     sigs = [(F32, F32), (BF16, F32), (F32, BF16), (BF16, BF16), (F32, F32), (BF16, F32)]
-    parts = [R.make_group([sh], pd, sd, seed=20 + i, anchors=True) for i, (sh, (pd, sd)) in enumerate(zip(shapes, sigs))]
+    parts = [R.make_group([sh], pd, sd, seed=20 + i, anchors=True)
+             for i, (sh, (pd, sd)) in enumerate(zip(shapes, sigs))]
     for i in (1, 4):
         parts[i]["p0"] = [parts[i]["p0"][0].to(F32 if parts[i]["p0"][0].dtype == BF16 else BF16)]
     sep = [R.clone(g) for g in parts]
@@ -601,3 +604,84 @@ def test_parameter_version_is_bumped(interp):
     assert w._version > v0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+# -- on a CUDA device (skipped without one) ----------------------------------------------------------
+@pytest.fixture
+def cuda(compiled_mode):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    assert fused_triton.available(), fused_triton.unavailable_reason()
+    return torch.device("cuda")
+
+
+def to(group, device):
+    return {k: ([x.to(device) for x in v] if isinstance(v, list) else v) for k, v in group.items()}
+
+
+@pytest.mark.parametrize("mask,signal,variance,decay", [
+    ("snr", "ema", "ema", "zero"), ("soft", "step", "microbatch", "anchor"), ("hard", "ema", "microbatch", "zero")])
+@pytest.mark.parametrize("pdtype,sdtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cuda_step_matches_reference(cuda, mask, signal, variance, decay, pdtype, sdtype):
+    gr = R.make_group([(n,) for n in SIZES], pdtype, sdtype, anchors=decay == "anchor", sq=variance == "microbatch")
+    ref, cpu = R.clone(gr), R.clone(gr)
+    rs, kink = R.run_reference(ref, HP, mask=mask, signal=signal, variance=variance)
+    kw = dict(**R.kernel_hp(HP, gr["t"]), mask=mask, signal=signal, variance=variance, sq_scale=HP["sq_scale"],
+              g2_scale=HP["g2_scale"], want_stats=True)
+    d = to(gr, cuda)
+    st = fused_triton.step(d["p"], d["g"], d["m"], d["v"], d["s"], sq_sums=d["sq"], anchors=d["p0"], **kw)
+    assert st.device.type == "cuda"
+    back = to(d, "cpu")
+    R.compare(back, ref, kink, st.tolist(), rs)
+    if cpu_kernel():  # IEEE division, square root, explicit fmas, nearest-even bf16: the C kernel's bits
+        fused_cpu.step(cpu["p"], cpu["g"], cpu["m"], cpu["v"], cpu["s"], sq_sums=cpu["sq"], anchors=cpu["p0"], **kw)
+        same(back, cpu, ("p", "m", "v", "s", "sq"))
+
+
+@pytest.mark.parametrize("reduce", ["row", "tensor"])
+def test_cuda_two_pass_matches_reference(cuda, reduce):
+    hp = dict(HP, alpha=0.05)
+    gr = R.make_group(SHAPES_2D + [(3, 2500)], BF16, BF16, seed=4, anchors=True,
+                      noise_scales=[1e-3, 1e-2, 3e-2, 0.1, 0.3, 0.05])
+    ref = R.clone(gr)
+    rs, kink = R.run_reference(ref, hp, mask="soft", reduce=reduce)
+    khp = R.kernel_hp(hp, gr["t"])
+    d = to(gr, cuda)
+    sums = fused_triton.moments(d["p"], d["g"], d["m"], d["v"], d["s"], beta1=hp["beta1"], beta2=hp["beta2"],
+                                rho=hp["rho"], bc1=khp["bc1"], bcr=khp["bcr"], row_lens=reduce,
+                                noise_scale=hp["noise_scale"])
+    q = fused_triton.gate(sums, mask="soft", alpha=hp["alpha"], softness=hp["softness"])
+    st = fused_triton.update(d["p"], None, d["m"], d["v"], d["s"], q_rows=q, row_lens=reduce, mask="soft",
+                             anchors=d["p0"], want_stats=True, **{k: khp[k] for k in UPD_KEYS})
+    R.compare(to(d, "cpu"), ref, kink, st.tolist(), rs)
+
+
+def test_cuda_no_host_sync_and_found_inf(cuda):
+    """No call waits for the device (torch's sync debug mode raises on a synchronising op), and a nonzero
+    found_inf leaves everything as it was."""
+    gr = to(R.make_group(SHAPES_2D, BF16, F32, seed=14, anchors=True, sq=True), cuda)
+    khp = R.kernel_hp(HP, gr["t"])
+    args = (gr["p"], gr["g"], gr["m"], gr["v"], gr["s"])
+    flag = torch.zeros((), device=cuda)
+    bc = torch.tensor([khp["bc1"]] * len(SHAPES_2D), device=cuda)
+    for _ in range(2):  # the first call builds the plan (uploads without waiting as well)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            st = fused_triton.step(*args, **dict(khp, bc1=bc), variance="microbatch", sq_sums=gr["sq"],
+                                   anchors=gr["p0"], want_stats=True, found_inf=flag)
+            sums = fused_triton.moments(*args, beta1=HP["beta1"], beta2=HP["beta2"], rho=HP["rho"], bc1=khp["bc1"],
+                                        bcr=khp["bcr"], row_lens="row", found_inf=flag)
+            q = fused_triton.gate(sums)
+            fused_triton.update(*args, q_rows=q, row_lens="row", **{k: khp[k] for k in UPD_KEYS},
+                                want_stats=True, found_inf=flag)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert st[1].item() > 0
+    snap = {k: [x.clone() for x in gr[k]] for k in ("p", "m", "v", "s", "sq")}
+    flag.fill_(float("inf"))
+    st = fused_triton.step(*args, **khp, variance="microbatch", sq_sums=gr["sq"], anchors=gr["p0"],
+                           want_stats=True, found_inf=flag)
+    assert st.tolist() == [0.0] * 5
+    for k, xs in snap.items():
+        for a, b in zip(gr[k], xs):
+            assert torch.equal(a, b), k
