@@ -31,13 +31,20 @@ division and square root (``div_rn``, ``sqrt_rn``), no other contraction), with 
   models). For the row sums of :func:`moments` the items do not cross rows (a row shorter than a
   block is one program: rows of a few elements leave most lanes idle), for :func:`update` the row
   gate is gathered per element, so blocks span rows. ``num_threads`` is accepted and ignored.
+  Full blocks are walked with an all-true mask and, when every address of the launch is 16-byte
+  aligned (the host checks: the caching allocator's blocks are, a view at an odd offset need
+  not be), with alignment hints, so that they use 16-byte vector loads and stores; the tail of a
+  range is masked. The device-side arrays are uploaded on the current stream: a group used from another stream right
+  after its first call needs that stream to wait on this one. CUDA graph capture is not supported
+  (the uploads and the plan cache live on the host).
 * bf16 values are read as fp32 and stored rounded to nearest even with Triton's cast
   (``cvt.rn.bf16.f32``). Under the Triton interpreter (``TRITON_INTERPRET=1``, used by the tests on
   CPU) the cast is done with integer arithmetic instead (the interpreter's fp32 -> bf16 conversion
   rounds ties up and mishandles a carry into the exponent); the two agree on every non-NaN value
   (a NaN is stored as 0x7fc0 by the integer path, as the CPU kernel does, and as the canonical
   NaN by the cast).
-* Tensors must be CUDA tensors on one device (CPU tensors when the interpreter is on).
+* Tensors must be CUDA tensors on one device (CPU tensors when the interpreter is on; it must be
+  switched on before triton is first imported in the process).
 
 :func:`available` is False, with :func:`unavailable_reason`, when triton is not installed, when no
 CUDA device is visible, or when the kernel fails to compile or run (checked once, on a tiny
@@ -57,7 +64,7 @@ import torch
 
 __all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "BLOCK"]
 
-BLOCK = 1024  # elements per program
+BLOCK = 1024  # elements per block (a program walks one or more blocks)
 _ROWSUM_CHUNK = 128  # items a stage-2 program adds per iteration
 _TARGET_PROGRAMS = 16384  # a group of more blocks than this gives each program several blocks...
 _MAX_ITEM_BLOCKS = 64  # ...at most this many
@@ -112,40 +119,141 @@ def _define_kernels():
     g["triton"], g["tl"] = triton, tl
 
     @triton.jit
-    def _ld(addr, offs, msk, BF: tl.constexpr, MANUAL: tl.constexpr):
-        """Load fp32 or bf16 (as fp32) values at int64 address addr + offs (masked lanes: 0)."""
+    def _tptr(addr, BF: tl.constexpr, MANUAL: tl.constexpr, ALIGNED: tl.constexpr):
+        """The int64 address as a typed pointer (16-byte aligned when ALIGNED: the host checked)."""
         if BF:
             if MANUAL:
-                h = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=msk, other=0)
-                x = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                ptr = addr.to(tl.pointer_type(tl.uint16))
             else:
-                x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=msk, other=0.0).to(tl.float32)
+                ptr = addr.to(tl.pointer_type(tl.bfloat16))
         else:
-            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=msk, other=0.0)
+            ptr = addr.to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _ld(ptr, offs, msk, BF: tl.constexpr, MANUAL: tl.constexpr):
+        """Load fp32 or bf16 values (as fp32) at ptr + offs (masked lanes: 0)."""
+        if BF and MANUAL:
+            h = tl.load(ptr + offs, mask=msk, other=0)
+            x = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = tl.load(ptr + offs, mask=msk, other=0.0).to(tl.float32)
         return x
 
     @triton.jit
-    def _st(addr, offs, msk, x, BF: tl.constexpr, MANUAL: tl.constexpr):
+    def _st(ptr, offs, msk, x, BF: tl.constexpr, MANUAL: tl.constexpr):
         """Store fp32 x as fp32 or bf16 (nearest even); returns the stored value as fp32."""
         if BF:
             if MANUAL:  # as c10::BFloat16 / the CPU kernel: (u + 0x7fff + lsb) >> 16, NaN -> 0x7fc0
                 u = x.to(tl.uint32, bitcast=True)
                 r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
                 r = tl.where(x != x, 0x7FC0, r)
-                tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, r.to(tl.uint16), mask=msk)
+                tl.store(ptr + offs, r.to(tl.uint16), mask=msk)
                 y = (r << 16).to(tl.float32, bitcast=True)
             else:
                 h = x.to(tl.bfloat16, fp_downcast_rounding="rtne")
-                tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, h, mask=msk)
+                tl.store(ptr + offs, h, mask=msk)
                 y = h.to(tl.float32)
         else:
-            tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=msk)
+            tl.store(ptr + offs, x, mask=msk)
             y = x
         return y
 
     @triton.jit
     def _clamp_min(x, lo):  # x < lo ? lo : x (NaN stays NaN, as the CPU kernel)
         return tl.where(x < lo, lo, x)
+
+    @triton.jit
+    def _block(offs, msk, base, pP, pM, pV, pS, pP0, pSQ, pG, q_rows, row_first, row_len,
+               bc1, bc2, bcr, ns, opn, beta1, beta2, rho, omb1, omb2, omr, lr, eps, decay_mul, lrwd, alpha,
+               softness, c, mb_a, mb_b, acc0, acc1, acc2, acc3, acc4,
+               PASS: tl.constexpr, MASK: tl.constexpr, SIGNAL: tl.constexpr, VARIANCE: tl.constexpr,
+               DECAY: tl.constexpr, WANT_STATS: tl.constexpr, ROWS: tl.constexpr, LERP_SMALL: tl.constexpr,
+               P_BF16: tl.constexpr, S_BF16: tl.constexpr, P0_BF16: tl.constexpr, MANUAL: tl.constexpr,
+               NEED_G: tl.constexpr, NEED_MUSIG: tl.constexpr, BLOCK: tl.constexpr):
+        """One block: the elements offs (where msk) of one tensor. Returns the updated sums."""
+        if NEED_G:
+            g = _ld(pG, offs, msk, P_BF16, MANUAL)
+        else:
+            g = tl.zeros([BLOCK], tl.float32)
+        m = tl.load(pM + offs, mask=msk, other=0.0)
+        v = tl.load(pV + offs, mask=msk, other=0.0)
+        if PASS != 2:
+            s_old = _ld(pS, offs, msk, S_BF16, MANUAL)
+            if VARIANCE == 0:
+                d = g - m  # m: the previous m
+                s_new = tl.fma(omr * d, d, s_old * rho)
+            else:
+                sq = tl.load(pSQ + offs, mask=msk, other=0.0)
+                est = _clamp_min(sq * mb_a - (g * g) * mb_b, 0.0)
+                s_new = tl.fma(omr, est, s_old * rho)
+                tl.store(pSQ + offs, tl.zeros([BLOCK], tl.float32), mask=msk)
+            s = _st(pS, offs, msk, s_new, S_BF16, MANUAL)  # sig2 uses the stored (rounded) value
+            if LERP_SMALL:  # ATen's lerp: |w| < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)
+                m = tl.fma(omb1, g - m, m)
+            else:
+                m = tl.fma(omb1 - 1.0, g - m, g)
+            v = tl.fma(omb2 * g, g, v * beta2)
+            tl.store(pM + offs, m, mask=msk)
+            tl.store(pV + offs, v, mask=msk)
+        elif NEED_MUSIG:
+            s = _ld(pS, offs, msk, S_BF16, MANUAL)
+        else:
+            s = tl.zeros([BLOCK], tl.float32)
+        mh = tl.div_rn(m, bc1)
+        if NEED_MUSIG:
+            if SIGNAL == 0:
+                mu2 = mh * mh
+            else:
+                mu2 = g * g
+            sig2 = tl.div_rn(s, bcr) * ns
+        else:
+            mu2 = tl.zeros([BLOCK], tl.float32)
+            sig2 = tl.zeros([BLOCK], tl.float32)
+        if PASS == 1:
+            if ROWS:  # the item lies in one row
+                acc3 += tl.sum(tl.where(msk, mu2.to(tl.float64), 0.0), axis=0)
+                acc4 += tl.sum(tl.where(msk, sig2.to(tl.float64), 0.0), axis=0)
+        else:
+            # the gate
+            if ROWS:  # the row of each element, without a 64-bit division per element
+                r0 = base // row_len
+                local = offs - r0 * row_len  # in [0, row_len + BLOCK)
+                if row_len >= BLOCK:  # the block spans at most two rows
+                    r = r0 + (local >= row_len).to(tl.int64)
+                else:  # local < 2 BLOCK: 32-bit division
+                    r = r0 + (local.to(tl.int32) // row_len.to(tl.int32)).to(tl.int64)
+                q = tl.load(q_rows + row_first + r, mask=msk, other=0.0)
+            elif MASK == 0:
+                q = tl.div_rn(mu2, _clamp_min(mu2 + c * sig2, 1.1754943508222875e-38))
+            elif MASK == 1:
+                e = _clamp_min(mu2 - alpha * sig2, 0.0)
+                q = tl.div_rn(e, _clamp_min(e + softness * sig2, 1.1754943508222875e-38))
+            else:
+                q = tl.where(mu2 > alpha * sig2, 1.0, 0.0)
+            q = tl.where(opn != 0.0, 1.0, q)
+            # the update
+            den = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+            upd = q * mh
+            p = _ld(pP, offs, msk, P_BF16, MANUAL)
+            step_ = tl.div_rn(-lr * upd, den)
+            if DECAY == 0:
+                p = p * decay_mul + step_
+            else:
+                p0 = _ld(pP0, offs, msk, P0_BF16, MANUAL)
+                p = tl.fma(lrwd, p0 - p, p) + step_
+            _st(pP, offs, msk, p, P_BF16, MANUAL)
+            if WANT_STATS:
+                u = tl.div_rn(q * lr, den)
+                seen = msk & (v > 0.0)
+                acc0 += tl.sum(tl.where(seen, q, 0.0).to(tl.float64), axis=0)
+                acc1 += tl.sum(seen.to(tl.int32), axis=0)  # counts: exact integers
+                acc2 += tl.sum((seen & (q > 0.5)).to(tl.int32), axis=0)
+                acc3 += tl.sum(tl.where(msk, (u * mu2).to(tl.float64), 0.0), axis=0)
+                acc4 += tl.sum(tl.where(msk, (u * sig2).to(tl.float64), 0.0), axis=0)
+        return acc0, acc1, acc2, acc3, acc4
 
     @triton.jit
     def snr_kernel(ptrs, gptrs, items, meta, tsc, q_rows, partials, flag, T,
@@ -155,12 +263,13 @@ def _define_kernels():
                    DECAY: tl.constexpr, WANT_STATS: tl.constexpr, ROWS: tl.constexpr, PER_TENSOR: tl.constexpr,
                    HAS_FLAG: tl.constexpr, LERP_SMALL: tl.constexpr, P_BF16: tl.constexpr, S_BF16: tl.constexpr,
                    P0_BF16: tl.constexpr, MANUAL: tl.constexpr, NEED_G: tl.constexpr, NEED_MUSIG: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         # ptrs: int64 [6, T] addresses of p, m, v, s, p0, sq; gptrs: int64 [T] of g;
         # items: int64 [programs, 4] = (tensor, first element, end element, row or -1);
-        # meta: int64 [T, 2] = (first row of the tensor, row length) (ROWS and PASS == UPDATE);
+        # meta: int64 [T, 2] = (first row of the tensor, row length) (ROWS);
         # tsc: fp32 [T, 5] = (bc1, bc2, bcr, noise_scale, open) when PER_TENSOR, else the *_s scalars;
         # partials: fp64 [programs, 5] statistics or [programs, 2] row sums (mu2, sig2).
+        # ALIGNED: every address 16-byte aligned and every item starting at a multiple of 8 elements.
         pid = tl.program_id(0)
         it = items + pid.to(tl.int64) * 4
         k = tl.load(it)
@@ -181,106 +290,47 @@ def _define_kernels():
             bcr = bcr_s
             ns = ns_s
             opn = open_s
-        addr_p = tl.load(ptrs + k)
-        addr_m = tl.load(ptrs + T + k)
-        addr_v = tl.load(ptrs + 2 * T + k)
-        addr_s = tl.load(ptrs + 3 * T + k)
-        addr_p0 = tl.load(ptrs + 4 * T + k)
-        addr_sq = tl.load(ptrs + 5 * T + k)
-        addr_g = tl.load(gptrs + k)
+        pP = _tptr(tl.load(ptrs + k), P_BF16, MANUAL, ALIGNED)
+        pM = _tptr(tl.load(ptrs + T + k), False, MANUAL, ALIGNED)
+        pV = _tptr(tl.load(ptrs + 2 * T + k), False, MANUAL, ALIGNED)
+        pS = _tptr(tl.load(ptrs + 3 * T + k), S_BF16, MANUAL, ALIGNED)
+        pP0 = _tptr(tl.load(ptrs + 4 * T + k), P0_BF16, MANUAL, ALIGNED)
+        pSQ = _tptr(tl.load(ptrs + 5 * T + k), False, MANUAL, ALIGNED)
+        pG = _tptr(tl.load(gptrs + k), P_BF16, MANUAL, ALIGNED)
         if ROWS:
             row_first = tl.load(meta + k * 2)
             row_len = tl.maximum(tl.load(meta + k * 2 + 1), 1)
+        else:
+            row_first = start
+            row_len = start + 1
         acc0 = tl.zeros([BLOCK], tl.float64).sum(axis=0)  # the item's sums, block by block, in order
-        acc1 = acc0
-        acc2 = acc0
+        acc1 = tl.zeros([BLOCK], tl.int64).sum(axis=0)
+        acc2 = acc1
         acc3 = acc0
         acc4 = acc0
-        for base in range(start, end, BLOCK):
-            offs = base + tl.arange(0, BLOCK).to(tl.int64)
-            msk = offs < end
-            if NEED_G:
-                g = _ld(addr_g, offs, msk, P_BF16, MANUAL)
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        # full blocks (an all-true mask: vector loads when ALIGNED), then the tail
+        full_end = start + (end - start) // BLOCK * BLOCK
+        every = tl.full([BLOCK], 1, tl.int1)
+        for base in range(start, full_end, BLOCK):
+            if ALIGNED:
+                offs = tl.max_contiguous(tl.multiple_of(base + lanes, 8), 8)
             else:
-                g = tl.zeros([BLOCK], tl.float32)
-            mp = addr_m.to(tl.pointer_type(tl.float32)) + offs
-            vp = addr_v.to(tl.pointer_type(tl.float32)) + offs
-            m = tl.load(mp, mask=msk, other=0.0)
-            v = tl.load(vp, mask=msk, other=0.0)
-            if PASS != 2:
-                s_old = _ld(addr_s, offs, msk, S_BF16, MANUAL)
-                if VARIANCE == 0:
-                    d = g - m  # m: the previous m
-                    s_new = tl.fma(omr * d, d, s_old * rho)
-                else:
-                    sqp = addr_sq.to(tl.pointer_type(tl.float32)) + offs
-                    sq = tl.load(sqp, mask=msk, other=0.0)
-                    est = _clamp_min(sq * mb_a - (g * g) * mb_b, 0.0)
-                    s_new = tl.fma(omr, est, s_old * rho)
-                    tl.store(sqp, tl.zeros([BLOCK], tl.float32), mask=msk)
-                s = _st(addr_s, offs, msk, s_new, S_BF16, MANUAL)  # sig2 uses the stored (rounded) value
-                if LERP_SMALL:  # ATen's lerp: |w| < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)
-                    m = tl.fma(omb1, g - m, m)
-                else:
-                    m = tl.fma(omb1 - 1.0, g - m, g)
-                v = tl.fma(omb2 * g, g, v * beta2)
-                tl.store(mp, m, mask=msk)
-                tl.store(vp, v, mask=msk)
-            elif NEED_MUSIG:
-                s = _ld(addr_s, offs, msk, S_BF16, MANUAL)
-            else:
-                s = tl.zeros([BLOCK], tl.float32)
-            mh = tl.div_rn(m, bc1)
-            if NEED_MUSIG:
-                if SIGNAL == 0:
-                    mu2 = mh * mh
-                else:
-                    mu2 = g * g
-                sig2 = tl.div_rn(s, bcr) * ns
-            else:
-                mu2 = tl.zeros([BLOCK], tl.float32)
-                sig2 = tl.zeros([BLOCK], tl.float32)
-            if PASS == 1:
-                if ROWS:  # the item lies in one row
-                    acc3 += tl.sum(tl.where(msk, mu2.to(tl.float64), 0.0), axis=0)
-                    acc4 += tl.sum(tl.where(msk, sig2.to(tl.float64), 0.0), axis=0)
-            else:
-                # the gate
-                if ROWS:  # the row of each element, without a 64-bit division per element
-                    r0 = base // row_len
-                    local = offs - r0 * row_len  # in [0, row_len + BLOCK)
-                    if row_len >= BLOCK:  # the block spans at most two rows
-                        r = r0 + (local >= row_len).to(tl.int64)
-                    else:  # local < 2 BLOCK: 32-bit division
-                        r = r0 + (local.to(tl.int32) // row_len.to(tl.int32)).to(tl.int64)
-                    q = tl.load(q_rows + row_first + r, mask=msk, other=0.0)
-                elif MASK == 0:
-                    q = tl.div_rn(mu2, _clamp_min(mu2 + c * sig2, 1.1754943508222875e-38))
-                elif MASK == 1:
-                    e = _clamp_min(mu2 - alpha * sig2, 0.0)
-                    q = tl.div_rn(e, _clamp_min(e + softness * sig2, 1.1754943508222875e-38))
-                else:
-                    q = tl.where(mu2 > alpha * sig2, 1.0, 0.0)
-                q = tl.where(opn != 0.0, 1.0, q)
-                # the update
-                den = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
-                upd = q * mh
-                p = _ld(addr_p, offs, msk, P_BF16, MANUAL)
-                step_ = tl.div_rn(-lr * upd, den)
-                if DECAY == 0:
-                    p = p * decay_mul + step_
-                else:
-                    p0 = _ld(addr_p0, offs, msk, P0_BF16, MANUAL)
-                    p = tl.fma(lrwd, p0 - p, p) + step_
-                _st(addr_p, offs, msk, p, P_BF16, MANUAL)
-                if WANT_STATS:
-                    u = tl.div_rn(q * lr, den)
-                    seen = msk & (v > 0.0)
-                    acc0 += tl.sum(tl.where(seen, q, 0.0).to(tl.float64), axis=0)
-                    acc1 += tl.sum(tl.where(seen, 1.0, 0.0).to(tl.float64), axis=0)
-                    acc2 += tl.sum(tl.where(seen & (q > 0.5), 1.0, 0.0).to(tl.float64), axis=0)
-                    acc3 += tl.sum(tl.where(msk, (u * mu2).to(tl.float64), 0.0), axis=0)
-                    acc4 += tl.sum(tl.where(msk, (u * sig2).to(tl.float64), 0.0), axis=0)
+                offs = base + lanes
+            acc0, acc1, acc2, acc3, acc4 = _block(
+                offs, every, base, pP, pM, pV, pS, pP0, pSQ, pG, q_rows, row_first, row_len,
+                bc1, bc2, bcr, ns, opn, beta1, beta2, rho, omb1, omb2, omr, lr, eps, decay_mul, lrwd, alpha,
+                softness, c, mb_a, mb_b, acc0, acc1, acc2, acc3, acc4,
+                PASS, MASK, SIGNAL, VARIANCE, DECAY, WANT_STATS, ROWS, LERP_SMALL, P_BF16, S_BF16, P0_BF16,
+                MANUAL, NEED_G, NEED_MUSIG, BLOCK)
+        if full_end < end:
+            offs = full_end + lanes
+            acc0, acc1, acc2, acc3, acc4 = _block(
+                offs, offs < end, full_end, pP, pM, pV, pS, pP0, pSQ, pG, q_rows, row_first, row_len,
+                bc1, bc2, bcr, ns, opn, beta1, beta2, rho, omb1, omb2, omr, lr, eps, decay_mul, lrwd, alpha,
+                softness, c, mb_a, mb_b, acc0, acc1, acc2, acc3, acc4,
+                PASS, MASK, SIGNAL, VARIANCE, DECAY, WANT_STATS, ROWS, LERP_SMALL, P_BF16, S_BF16, P0_BF16,
+                MANUAL, NEED_G, NEED_MUSIG, BLOCK)
         if PASS == 1:
             if ROWS:
                 pp = partials + pid.to(tl.int64) * 2
@@ -289,8 +339,8 @@ def _define_kernels():
         elif WANT_STATS:
             pp = partials + pid.to(tl.int64) * 5
             tl.store(pp, acc0)
-            tl.store(pp + 1, acc1)
-            tl.store(pp + 2, acc2)
+            tl.store(pp + 1, acc1.to(tl.float64))
+            tl.store(pp + 2, acc2.to(tl.float64))
             tl.store(pp + 3, acc3)
             tl.store(pp + 4, acc4)
 
@@ -310,7 +360,7 @@ def _define_kernels():
         tl.store(out + r * 2, tl.sum(a0, axis=0))
         tl.store(out + r * 2 + 1, tl.sum(a1, axis=0))
 
-    g.update(_ld=_ld, _st=_st, _clamp_min=_clamp_min)
+    g.update(_tptr=_tptr, _ld=_ld, _st=_st, _clamp_min=_clamp_min, _block=_block)
     return snr_kernel, rowsum_kernel
 
 
@@ -395,7 +445,7 @@ _MAX_PLANS = 64
 class _Sub:
     """The tensors of one dtype signature (p/g, s, p0): one launch."""
     __slots__ = ("idx", "idx_dev", "ptrs_dev", "meta_dev", "items_lo", "items_hi", "row_lo", "row_hi",
-                 "p_bf16", "s_bf16", "p0_bf16", "gkey", "gptrs_dev")
+                 "p_bf16", "s_bf16", "p0_bf16", "gkey", "gptrs_dev", "g_aligned", "aligned", "rows_aligned")
 
 
 class _Plan:
@@ -539,6 +589,11 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
                                torch.int64, dev)
         sub.gkey = None
         sub.gptrs_dev = None
+        sub.g_aligned = False
+        # vector loads: every address 16-byte aligned (the caching allocator's blocks are; a view at an
+        # odd offset is not), and the row items (row sums) starting at multiples of 8 elements
+        sub.aligned = all(x % 16 == 0 for j in range(6) for x in _sub_ptrs(ptrs, n, j, idx))
+        sub.rows_aligned = rl is None or all(rl[i] % 8 == 0 for i in idx)
         plan.subs.append(sub)
     plan.nitems = len(items) // 4
     plan.nritems = len(ritems) // 4
@@ -722,6 +777,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
                 ga = array("q")
                 ga.frombytes(gk)
                 sub.gptrs_dev = _to_dev(list(ga), torch.int64, dev)
+                sub.g_aligned = all(x % 16 == 0 for x in ga)
                 sub.gkey = gk
             gptrs = sub.gptrs_dev
         else:
@@ -738,6 +794,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             tsc = sub.ptrs_dev  # never read
             sc = shared
         nsub = len(plan.numels) if idx is None else len(idx)
+        aligned = sub.aligned and (sub.g_aligned or not with_g) and (sub.rows_aligned or not moments_rows)
         grid = (hi - lo,)
         kernel[grid](
             sub.ptrs_dev, gptrs, items_t[lo:hi], sub.meta_dev if sub.meta_dev is not None else sub.ptrs_dev,
@@ -747,7 +804,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             PASS=pass_, MASK=mask_k, SIGNAL=signal_k, VARIANCE=variance_k, DECAY=int(use_p0),
             WANT_STATS=want, ROWS=rows_mode, PER_TENSOR=tsc_all is not None, HAS_FLAG=flag is not None,
             LERP_SMALL=lerp_small, P_BF16=sub.p_bf16, S_BF16=sub.s_bf16, P0_BF16=sub.p0_bf16,
-            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, BLOCK=BLOCK, num_warps=_NUM_WARPS,
+            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, ALIGNED=aligned, BLOCK=BLOCK, num_warps=_NUM_WARPS,
             enable_fp_fusion=False)
     if pass_ == _PASS_MOMENTS:
         if out is not None and plan.rows:

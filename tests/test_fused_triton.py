@@ -103,7 +103,8 @@ _FLOAT_ARGS = ("bc1_s", "bc2_s", "bcr_s", "ns_s", "open_s", "beta1", "beta2", "r
 ], ids=["f32", "bf16-soft-step-microbatch-anchor", "bf16-hard-nostats", "moments-rows", "update-rows"])
 def test_kernel_compiles_for_sm90(compiled_mode, monkeypatch, tmp_path, variant):
     """The compiled path, without a GPU: the kernel compiles to a cubin for sm_90 (ptxas included), and the
-    PTX has IEEE division and square root, no fused multiply-adds beyond the explicit ones, no flush to zero."""
+    PTX has IEEE division and square root, no fused multiply-adds beyond the explicit ones, no flush to zero,
+    and vector loads when the addresses are aligned."""
     pytest.importorskip("triton")
     try:
         import triton
@@ -114,7 +115,7 @@ def test_kernel_compiles_for_sm90(compiled_mode, monkeypatch, tmp_path, variant)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel, rowsum = fused_triton._get_kernels()
     cs = dict(variant, PER_TENSOR=variant["PASS"] == 2, HAS_FLAG=True, LERP_SMALL=True, P0_BF16=variant["P_BF16"],
-              MANUAL=False, NEED_G=variant["PASS"] != 2 or variant["SIGNAL"] == 1,
+              MANUAL=False, ALIGNED=variant["PASS"] != 2, NEED_G=variant["PASS"] != 2 or variant["SIGNAL"] == 1,
               NEED_MUSIG=variant["ROWS"] if variant["PASS"] == 1 else variant["WANT_STATS"] or not variant["ROWS"],
               BLOCK=fused_triton.BLOCK)
     sig = dict(ptrs="*i64", gptrs="*i64", items="*i64", meta="*i64", tsc="*fp32" if cs["PER_TENSOR"] else "*i64",
@@ -131,10 +132,12 @@ def test_kernel_compiles_for_sm90(compiled_mode, monkeypatch, tmp_path, variant)
     if cs["PASS"] != 1:
         assert "sqrt.rn.f32" in ptx
     if cs["P_BF16"] and cs["PASS"] != 1 or cs["S_BF16"] and cs["PASS"] != 2:
-        assert "cvt.rn.bf16.f32" in ptx
-    fmas = ptx.count("fma.rn.f32")  # explicit: s, m, v (moments), the decay towards p0; 8 elements a thread
-    per_thread = fused_triton.BLOCK // (4 * 32)
-    assert fmas == per_thread * ((3 if cs["PASS"] != 2 else 0) + (cs["DECAY"] if cs["PASS"] != 1 else 0))
+        assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx)
+    if cs["ALIGNED"]:  # the full blocks: 16-byte vector loads and stores (4 fp32 or 8 bf16)
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    fmas = ptx.count("fma.rn.f32")  # explicit: s, m, v (moments), the decay towards p0; 8 elements a thread,
+    per_thread = fused_triton.BLOCK // (4 * 32)  # in two copies of the block (full blocks, the tail)
+    assert fmas == 2 * per_thread * ((3 if cs["PASS"] != 2 else 0) + (cs["DECAY"] if cs["PASS"] != 1 else 0))
     sig2 = dict(partials="*fp64", row_items="*i64", out="*fp64", CHUNK="constexpr")
     assert triton.compile(ASTSource(rowsum, sig2, constexprs=dict(CHUNK=fused_triton._ROWSUM_CHUNK)),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm.get("cubin")
@@ -374,6 +377,50 @@ def test_mixed_dtype_group(interp, two_pass):
         for a, g in zip(cat[k], sep):
             assert torch.equal(a, g[k][0]), k
     torch.testing.assert_close(st, exp_st, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("reduce", [None, "row"])
+def test_unaligned_views(interp, reduce):
+    """Views at odd offsets (not 16-byte aligned) take the unhinted path, with the same results; row
+    sums of rows that are not a multiple of 8 elements as well."""
+    def views(group):  # the same values, one element into a larger buffer
+        out = {}
+        for k, v in group.items():
+            if isinstance(v, list):
+                out[k] = []
+                for x in v:
+                    buf = torch.zeros(x.numel() + 1, dtype=x.dtype)
+                    buf[1:].copy_(x.reshape(-1))
+                    out[k].append(buf[1:].view(x.shape))
+            else:
+                out[k] = v
+        return out
+
+    shapes = [(3, 1100), (2500,), (4, 8)]
+    base = R.make_group(shapes, BF16, F32, seed=16)
+    khp = R.kernel_hp(HP, base["t"])
+    results = []
+    for gr in (R.clone(base), views(base)):
+        if reduce is None:
+            st = fused_triton.step(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], **khp, want_stats=True)
+        else:
+            sums = fused_triton.moments(gr["p"], gr["g"], gr["m"], gr["v"], gr["s"], beta1=HP["beta1"],
+                                        beta2=HP["beta2"], rho=HP["rho"], bc1=khp["bc1"], bcr=khp["bcr"],
+                                        row_lens=reduce, noise_scale=HP["noise_scale"])
+            st = fused_triton.update(gr["p"], None, gr["m"], gr["v"], gr["s"], want_stats=True,
+                                     q_rows=fused_triton.gate(sums, alpha=HP["alpha"], softness=HP["softness"]),
+                                     row_lens=reduce, **{k: khp[k] for k in UPD_KEYS})
+        subs = [sub for plan in fused_triton._plans.values() for sub in plan.subs]
+        rows_subs = [sub for plan in fused_triton._plans.values() if plan.has_rows for sub in plan.subs]
+        results.append((gr, st, subs, rows_subs))
+        fused_triton._plans.clear()
+    (g0, st0, subs0, rows0), (g1, st1, subs1, rows1) = results
+    assert subs0 and all(sub.aligned for sub in subs0) and not any(sub.aligned for sub in subs1)
+    assert all(sub.g_aligned for sub in subs0 if sub.gkey) and not any(sub.g_aligned for sub in subs1)
+    if reduce == "row":
+        assert rows0 and not any(sub.rows_aligned for sub in rows0)  # rows of 1100 elements
+    same(g0, g1)
+    assert torch.equal(st0, st1)
 
 
 def test_microbatch_moments_zero_sq(interp):
