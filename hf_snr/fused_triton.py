@@ -758,7 +758,7 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
         partials = torch.empty((max(plan.nritems, 1), 2), dtype=torch.float64, device=dev)
     elif want:
         partials = torch.zeros((max(plan.nitems, 1), _NSTATS), dtype=torch.float64, device=dev)
-    flag = found_inf if found_inf is not None else None
+    flag = found_inf
     # s, mu2, sig2 are needed for the row sums (moments), for the element gate and for the statistics
     need_musig = rows_mode if pass_ == _PASS_MOMENTS else (want or not rows_mode)
     for sub in plan.subs:
@@ -804,8 +804,8 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
             PASS=pass_, MASK=mask_k, SIGNAL=signal_k, VARIANCE=variance_k, DECAY=int(use_p0),
             WANT_STATS=want, ROWS=rows_mode, PER_TENSOR=tsc_all is not None, HAS_FLAG=flag is not None,
             LERP_SMALL=lerp_small, P_BF16=sub.p_bf16, S_BF16=sub.s_bf16, P0_BF16=sub.p0_bf16,
-            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, ALIGNED=aligned, BLOCK=BLOCK, num_warps=_NUM_WARPS,
-            enable_fp_fusion=False)
+            MANUAL=_interpret(), NEED_G=with_g, NEED_MUSIG=need_musig, ALIGNED=aligned, BLOCK=BLOCK,
+            num_warps=_NUM_WARPS, enable_fp_fusion=False)
     if pass_ == _PASS_MOMENTS:
         if out is not None and plan.rows:
             rowsum[(plan.rows,)](partials, plan.row_items_dev, out, CHUNK=_ROWSUM_CHUNK, num_warps=1)
