@@ -227,6 +227,7 @@ class SNRAdamW(Optimizer):
         self._mb_hooks: dict[torch.Tensor, Any] = {}
         self.last_microbatch_count: int | None = None              # K of the latest micro-batch step
         self._fused_fallback_warned = False
+        self._device_skips: torch.Tensor | None = None  # steps skipped on the device (CUDA fused), read lazily
         super().__init__(params, defaults)
 
     # -- parameter groups ---------------------------------------------------------------------
@@ -528,6 +529,29 @@ class SNRAdamW(Optimizer):
             foreach = all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in tensors["params"])
         return _multi_tensor if foreach else _single_tensor
 
+    def _all_fused_on_cuda(self) -> bool:
+        """Every group runs the fused CUDA kernel this step (then the non-finite skip is decided on the device)."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params or not all(g["fused"] for g in self.param_groups):
+            return False
+        if not all(_local(p).device.type == "cuda" and _local(p).is_contiguous()
+                   and _local(p).dtype in (torch.float32, torch.bfloat16) for p in params):
+            return False  # (the conditions of _fused.unavailable: every group then runs the fused kernel)
+        from . import fused_triton
+
+        return fused_triton.available()
+
+    def _device_found_inf(self) -> torch.Tensor:
+        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [g for g in grads if g.numel()]
+        norms = torch._foreach_norm(grads, ord=math.inf)
+        flag = (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float().reshape(1)
+        group = self._stats_group()
+        if group is not None:
+            flag = _all_reduce(flag, group, op="max")
+        self._device_skips = flag if self._device_skips is None else self._device_skips + flag
+        return flag
+
     def _reset_microbatches(self) -> None:
         for p, sq in self._mb_sq.items():
             if self._mb_count.get(p):
@@ -547,7 +571,12 @@ class SNRAdamW(Optimizer):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(_SPARSE_MSG)
 
-        if self.nonfinite != "propagate" and not self._all_finite():
+        found_inf = None
+        if self.nonfinite == "skip" and self._all_fused_on_cuda():
+            # decided on the device (as torch's fused optimizers do with found_inf): the kernels read the flag and
+            # leave parameters and m, v, s untouched; the count is read with the statistics, no host sync per step
+            found_inf = self._device_found_inf()
+        elif self.nonfinite != "propagate" and not self._all_finite():
             if self.nonfinite == "raise":
                 raise RuntimeError(
                     f"SNRAdamW: non-finite (inf/nan) gradient at optimizer step {self.snr_state['steps'] + 1}; "
@@ -575,7 +604,7 @@ class SNRAdamW(Optimizer):
                 mb = self._microbatch_scales(tensors)
                 for p in tensors["params"]:  # the moments zero the sums; the counts restart with them
                     self._mb_count[p] = 0
-            ctx = impl.moments(group, tensors, mb)
+            ctx = impl.moments(group, tensors, mb, found_inf) if found_inf is not None else impl.moments(group, tensors, mb)
             work.append((group, impl, tensors, ctx))
 
         # The logical step this call belongs to: the step count its tensors just reached.
@@ -614,6 +643,12 @@ class SNRAdamW(Optimizer):
         pg = self._stats_group()
         if pg is not None:
             total = _all_reduce(total, pg)
+        if self._device_skips is not None:  # read with the statistics: the one host sync
+            skipped, self._device_skips = int(self._device_skips.item()), None
+            if skipped:
+                self.snr_state["skipped_steps"] += skipped
+                warnings.warn(f"SNRAdamW skipped {skipped} step(s) on the device: non-finite gradient "
+                              f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')", RuntimeWarning)
         s = dict(zip(_STAT_KEYS, total.tolist()))
         interval = max(steps - self.snr_state["last_stats_step"], 0)
         self.snr_state["cumulative_noise"] += s["noise"] * interval
@@ -999,13 +1034,19 @@ class _fused:
     def unavailable(t) -> str | None:
         """Why the fused kernel cannot run these tensors (None: it can)."""
         params = t["params"]
-        if any(_local(p).device.type != "cpu" for p in params):
-            return ("no fused kernel for " + ", ".join(sorted({_local(p).device.type for p in params})) +
-                    " tensors in this build (the fused path is CPU-only for now)")
-        from . import fused_cpu
+        devices = {_local(p).device.type for p in params}
+        if devices == {"cuda"}:
+            from . import fused_triton
 
-        if not fused_cpu.available():
-            return f"the CPU kernel could not be built: {fused_cpu.unavailable_reason()}"
+            if not fused_triton.available():
+                return f"the CUDA kernel is unavailable: {fused_triton.unavailable_reason()}"
+        elif devices == {"cpu"}:
+            from . import fused_cpu
+
+            if not fused_cpu.available():
+                return f"the CPU kernel could not be built: {fused_cpu.unavailable_reason()}"
+        else:
+            return "no fused kernel for " + ", ".join(sorted(devices)) + " tensors (CPU: C, CUDA: Triton)"
         lists = [t[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars")]
         if any(x is not None and not _local(x).is_contiguous() for ts in lists for x in ts):
             return "a parameter, gradient or state tensor is not contiguous"
@@ -1014,23 +1055,33 @@ class _fused:
         return None
 
     @staticmethod
+    def _kernel(t):
+        if _local(t["params"][0]).device.type == "cuda":
+            from . import fused_triton
+
+            return fused_triton
+        from . import fused_cpu
+
+        return fused_cpu
+
+    @staticmethod
     def _lists(t):
         return ([_local(x) for x in t["params"]], [_local(x) for x in t["grads"]],
                 [_local(x) for x in t["exp_avgs"]], [_local(x) for x in t["exp_avg_sqs"]],
                 [_local(x) for x in t["exp_vars"]])
 
     @staticmethod
-    def moments(group, t, mb):
-        from . import fused_cpu
-
+    def moments(group, t, mb, found_inf=None):
+        kernel = _fused._kernel(t)
+        flag = {} if found_inf is None else {"found_inf": found_inf}
         torch._foreach_add_(t["steps"], 1.0)
         scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
-        ctx = {"scalars": scal, "mb": mb, "sums": None}
+        ctx = {"scalars": scal, "mb": mb, "sums": None, "flag": flag}
         if group["reduction"] in ("tensor", "row") and group["snr"]:
             beta1, beta2 = group["betas"]
             lists = _fused._lists(t)
-            flat = fused_cpu.moments(
-                *lists, beta1=beta1, beta2=beta2, rho=group["rho"], bc1=[k["bc1"] for k in scal],
+            flat = kernel.moments(
+                *lists, **flag, beta1=beta1, beta2=beta2, rho=group["rho"], bc1=[k["bc1"] for k in scal],
                 bcr=[k["bcr"] for k in scal], row_lens=group["reduction"], signal=group["signal"],
                 noise_scale=[k["noise_scale"] for k in scal], variance=group["variance"],
                 sq_sums=t["mb_sqs"] if mb else None, sq_scale=mb[0] if mb else 1.0, g2_scale=mb[1] if mb else 0.0)
@@ -1044,8 +1095,7 @@ class _fused:
 
     @staticmethod
     def update(group, t, ctx, want_stats):
-        from . import fused_cpu
-
+        kernel = _fused._kernel(t)
         beta1, beta2 = group["betas"]
         scal, mb = ctx["scalars"], ctx["mb"]
         alpha, softness, c = _gate_knobs(group)
@@ -1055,18 +1105,21 @@ class _fused:
                       bc1=[k["bc1"] for k in scal], bc2=[k["bc2"] for k in scal], bcr=[k["bcr"] for k in scal],
                       alpha=alpha, softness=softness, c=c, mask=group["mask"], signal=group["signal"],
                       noise_scale=[k["noise_scale"] for k in scal], anchors=anchors,
-                      gate_open=[k["open"] for k in scal], want_stats=want_stats)
+                      gate_open=[k["open"] for k in scal], want_stats=want_stats, **ctx["flag"])
         if ctx["sums"] is None:
-            out = fused_cpu.step(*lists, beta1=beta1, beta2=beta2, rho=group["rho"], variance=group["variance"],
+            out = kernel.step(*lists, beta1=beta1, beta2=beta2, rho=group["rho"], variance=group["variance"],
                                  sq_sums=t["mb_sqs"] if mb else None, sq_scale=mb[0] if mb else 1.0,
                                  g2_scale=mb[1] if mb else 0.0, **common)
         else:
             q_rows = torch.cat([_mask(group["mask"], sm[:, 0].float(), sm[:, 1].float(), alpha, softness, c)
                                 for sm in ctx["sums"]]).contiguous()
-            out = fused_cpu.update(*lists, q_rows=q_rows, row_lens=group["reduction"], **common)
+            out = kernel.update(*lists, q_rows=q_rows, row_lens=group["reduction"], **common)
+        if ctx["flag"] and mb:  # a step skipped on the device left the micro-batch sums: they do not carry over
+            torch._foreach_zero_([x for x in t["mb_sqs"] if x is not None])
         if not want_stats:
             return None
-        part = torch.tensor(out, dtype=torch.float64).float()
+        # CPU: 5 Python floats; CUDA: a (5,) float64 device tensor (no host sync until last_stats is read)
+        part = out.float() if isinstance(out, torch.Tensor) else torch.tensor(out, dtype=torch.float64).float()
         if not group["snr"]:
             part[:3] = 0.0
         return part
