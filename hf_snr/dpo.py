@@ -33,8 +33,7 @@ prefixes and reach ``log_history`` and every reporter). See :data:`DPO_METRICS` 
 * ``snr/*``: the optimizer's statistics (:data:`hf_snr.integration.SNR_METRICS`), from the
   SNRCallback that :mod:`hf_snr.registration` attaches to any Trainer whose optimizer is SNRAdamW.
   At evaluation the latest statistics are reported again as ``eval_snr/*`` (they describe the last
-  logged optimizer step, not the eval data; ``snr/population_risk`` is left out there because it
-  is defined from the *training* loss). Absent when the optimizer is not SNRAdamW, and before its
+  logged optimizer step, not the eval data). Absent when the optimizer is not SNRAdamW, and before its
   first statistics.
 
 Pooling and DDP: every metric above is a ratio of sums over all pairs seen on all ranks since the
@@ -416,7 +415,7 @@ class SNRDPOTrainer(DPOTrainer):
         if callback is None:
             return {}
         alpha_note = callback._alpha_note  # metrics() consumes the one-off alpha note; it belongs to the train log
-        metrics = callback.metrics(None)  # no loss: snr/population_risk is defined from the training loss
+        metrics = callback.metrics(None)
         callback._alpha_note = alpha_note
         metrics.pop("snr/alpha", None)
         return metrics

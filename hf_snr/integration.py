@@ -39,14 +39,16 @@ __all__ = [
 ]
 
 # What lands in the log on every logging step, and what it means (the README's metrics table says the same).
+# No population-risk estimate is logged: the specified one (training loss + running sum of the per-step noise) ranked
+# against the held-out loss on both recipes (grokking -0.93, DPO -0.99; README "Risk metrics"). The per-step terms
+# stay, named for what they are.
 SNR_METRICS = {
     "snr/mask_mean": "mean gate q over gated coordinates that have had a gradient (1 = plain AdamW, 0 = frozen)",
     "snr/active_fraction": "share of those coordinates with q > 1/2 (signal beats noise)",
-    "snr/signal": "sum_k u_k mu_k^2: first-order drop of the training risk along the step",
-    "snr/noise": "alpha sum_k u_k sigma_k^2: the part of that drop that is memorization",
-    "snr/population_gain": "signal - noise: first-order estimate of the population-risk drop",
-    "snr/cumulative_noise": "running sum of noise: estimate of the train/population gap",
-    "snr/population_risk": "training loss + cumulative noise: population-risk estimate",
+    "snr/signal": "sum_k u_k mu_k^2: first-order drop of the training loss along this step",
+    "snr/memorization_rate": "alpha sum_k u_k sigma_k^2: the part of that drop that is noise, per step (a diagnostic, "
+                             "not a population-risk estimate)",
+    "snr/signal_minus_noise": "signal - memorization_rate, per step",
 }
 
 
@@ -274,12 +276,9 @@ class SNRCallback(TrainerCallback):
             "snr/mask_mean": s["mask_mean"],
             "snr/active_fraction": s["active_fraction"],
             "snr/signal": s["signal"],
-            "snr/noise": s["noise"],
-            "snr/population_gain": s["population_gain"],
-            "snr/cumulative_noise": s["cumulative_noise"],
+            "snr/memorization_rate": s["noise"],
+            "snr/signal_minus_noise": s["population_gain"],
         }
-        if loss is not None and math.isfinite(loss):
-            out["snr/population_risk"] = loss + s["cumulative_noise"]
         if s.get("skipped_steps"):
             out["snr/skipped_steps"] = s["skipped_steps"]
         if self._alpha_note is not None:

@@ -679,7 +679,9 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RISK_KEYS = ("snr/population_risk", "snr/cumulative_noise", "snr/noise", "snr/population_gain")
+# the per-step statistics as logged now, and the names logged before this version (committed studies)
+RISK_KEYS = ("snr/memorization_rate", "snr/signal_minus_noise", "snr/population_risk", "snr/cumulative_noise",
+             "snr/noise", "snr/population_gain")
 
 
 def risk_markdown(summary: dict[str, Any]) -> list[str]:

@@ -17,10 +17,8 @@ SNR_KEYS = (
     "snr/mask_mean",
     "snr/active_fraction",
     "snr/signal",
-    "snr/noise",
-    "snr/population_gain",
-    "snr/cumulative_noise",
-    "snr/population_risk",
+    "snr/memorization_rate",
+    "snr/signal_minus_noise",
 )
 
 

@@ -132,7 +132,7 @@ def test_trl_dpo_cli_trains_with_snr_adamw_from_yaml_and_flags(offline_model_and
     logs = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
     train_logs = [h for h in logs if "loss" in h]
     assert [h["step"] for h in train_logs] == [1, 2, 3]
-    assert all("snr/mask_mean" in h and "snr/noise" in h for h in train_logs), train_logs
+    assert all("snr/mask_mean" in h and "snr/memorization_rate" in h for h in train_logs), train_logs
     state = torch.load(ckpt / "optimizer.pt", weights_only=False)
     assert all("exp_var" in s for s in state["state"].values())  # the optimizer that stepped is SNRAdamW
     assert state["param_groups"][0]["softness"] == 3.0

@@ -273,8 +273,7 @@ def test_ddp_matches_single_process(ddp_out, single_out):
 
 
 def hf_metric_keys() -> list[str]:
-    return ["snr/mask_mean", "snr/active_fraction", "snr/signal", "snr/noise", "snr/population_gain",
-            "snr/cumulative_noise", "snr/population_risk"]
+    return ["snr/mask_mean", "snr/active_fraction", "snr/signal", "snr/memorization_rate", "snr/signal_minus_noise"]
 
 
 # -- 2. raw DeepSpeed ZeRO, 2 ranks ---------------------------------------------------------------

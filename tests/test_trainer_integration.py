@@ -53,9 +53,10 @@ def _assert_snr_logs(trainer, expected_steps=None):
     for h in logs:
         for k in SNR_KEYS:
             assert k in h and math.isfinite(h[k]), (k, h)
-        assert h["snr/population_risk"] == pytest.approx(h["loss"] + h["snr/cumulative_noise"], rel=1e-9)
+        assert h["snr/signal_minus_noise"] == pytest.approx(h["snr/signal"] - h["snr/memorization_rate"], abs=1e-12)
+        assert not any(k in h for k in ("snr/population_risk", "snr/cumulative_noise"))  # no risk estimate is claimed
         assert 0.0 <= h["snr/mask_mean"] <= 1.0 and 0.0 <= h["snr/active_fraction"] <= 1.0
-        assert h["snr/noise"] >= 0.0 and h["snr/signal"] >= 0.0
+        assert h["snr/memorization_rate"] >= 0.0 and h["snr/signal"] >= 0.0
     return logs
 
 
@@ -183,7 +184,7 @@ def test_risk_logging_only_on_logging_steps(tmp_path, monkeypatch):
     assert not any(k.startswith("snr/") for h in reporter.logs if "loss" not in h for k in h)
 
 
-def test_risk_logging_every_step_accumulates_noise(tmp_path, monkeypatch):
+def test_risk_logging_every_step(tmp_path, monkeypatch):
     counter = StatsCounter(monkeypatch)
     args = train_args(tmp_path, optim="snr_adamw", optim_args="warmup_steps=1,mask=soft", max_steps=5,
                       logging_steps=1)
@@ -191,10 +192,9 @@ def test_risk_logging_every_step_accumulates_noise(tmp_path, monkeypatch):
     trainer.train()
     logs = _assert_snr_logs(trainer, [1, 2, 3, 4, 5])
     assert counter.steps == [1, 2, 3, 4, 5]
-    running = 0.0
-    for h in logs:
-        running += h["snr/noise"]
-        assert h["snr/cumulative_noise"] == pytest.approx(running, rel=1e-6)
+    # the optimizer keeps the raw running sum of the per-step noise (not logged: it is no risk estimate)
+    running = sum(h["snr/memorization_rate"] for h in logs)
+    assert snr(trainer).snr_state["cumulative_noise"] == pytest.approx(running, rel=1e-6)
     assert logs[0]["snr/mask_mean"] == 1.0  # warm-up step: gate open
     assert logs[-1]["snr/mask_mean"] < 1.0  # soft gate after warm-up
 
@@ -212,7 +212,7 @@ def test_unforeseen_log_step_warns_once(tmp_path, monkeypatch, caplog):
         trainer.train()
     logs = _assert_snr_logs(trainer, [2, 3, 4])
     assert counter.steps == [2, 4]
-    assert logs[1]["snr/noise"] == logs[0]["snr/noise"]  # step 3 carries step 2's statistics ...
+    assert logs[1]["snr/memorization_rate"] == logs[0]["snr/memorization_rate"]  # step 3 carries step 2's ...
     stale = [r for r in caplog.records if "last requested for step 2" in r.getMessage()]
     assert len(stale) == 1  # ... and says so, once
 
@@ -396,7 +396,7 @@ def test_gradient_accumulation_feeds_the_full_batch_gradient(tmp_path):
             assert big.max().item() <= 1e-3 * lr * steps, (name, big.max().item())
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        for k in ("snr/mask_mean", "snr/signal", "snr/noise"):
+        for k in ("snr/mask_mean", "snr/signal", "snr/memorization_rate"):
             assert a[k] == pytest.approx(b[k], rel=1e-3), k
 
 
@@ -477,10 +477,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     lb = {h["step"]: h for h in train_logs(resumed)}
     assert sorted(lb) == list(range(1, 11))  # 1..5 from the checkpoint's trainer state, 6..10 new
     for step in range(6, 11):
-        assert lb[step]["snr/cumulative_noise"] == pytest.approx(la[step]["snr/cumulative_noise"], rel=1e-5)
-        assert lb[step]["snr/noise"] == pytest.approx(la[step]["snr/noise"], rel=1e-4)
-    # it continues from the checkpoint's running sum, it does not restart at 0
-    assert lb[6]["snr/cumulative_noise"] > lb[5]["snr/cumulative_noise"] > lb[6]["snr/noise"]
+        assert lb[step]["snr/memorization_rate"] == pytest.approx(la[step]["snr/memorization_rate"], rel=1e-4)
+    # the optimizer's running sum continues from the checkpoint's, it does not restart at 0
+    assert ob.snr_state["cumulative_noise"] == pytest.approx(oa.snr_state["cumulative_noise"], rel=1e-5)
     # the training_args.bin the Trainer wrote loads back with the registered name
     saved = torch.load(tmp_path / "a" / "out" / "checkpoint-5" / "training_args.bin", weights_only=False)
     assert saved.optim == "snr_adamw" and saved.optim_args == "mask=soft,warmup_steps=2"
