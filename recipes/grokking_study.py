@@ -114,6 +114,8 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         if arm.matched_to is not None and arm.matched_to not in names[:i] and arm.gate is None:
             raise ValueError(f"{path}: arm {arm.name!r} is matched_to {arm.matched_to!r}, which must be an "
                              f"earlier arm (arms: {names}) unless gate is given")
+    if raw.get("order", "arms") not in ("arms", "cells"):
+        raise ValueError(f"{path}: Invalid order: {raw['order']!r} (accepted: arms, cells)")
     bad = set(base) - known
     if bad:
         raise ValueError(f"{path}: unknown grokking options {sorted(bad)} in base_config/args")
@@ -124,18 +126,28 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         "base": base,
         "arms": arms,
         "note": raw.get("note", ""),
+        "order": raw.get("order", "arms"),
     }
 
 
 def expand(config: dict[str, Any], output_dir: str) -> list[tuple[Arm, float, float, int, str]]:
-    """(arm, lr, wd, seed, run_dir) of every run, seed-major (all arms of the first seed first)."""
+    """(arm, lr, wd, seed, run_dir) of every run, seed-major (all runs of the first seed first).
+
+    Within a seed, ``order: arms`` (default) runs each arm's whole lr x wd grid in turn; ``order: cells``
+    runs every arm at one (lr, wd) cell before the next cell (cells in the order the arms first list them).
+    """
     out = []
     for seed in config["seeds"]:
+        per_seed = []
         for arm in config["arms"]:
             for lr in arm.learning_rates:
                 for wd in arm.weight_decays:
                     run_dir = os.path.join(output_dir, "runs", arm.name, f"lr{lr:g}_wd{wd:g}", f"seed{seed}")
-                    out.append((arm, lr, wd, seed, run_dir))
+                    per_seed.append((arm, lr, wd, seed, run_dir))
+        if config.get("order", "arms") == "cells":
+            cells = list(dict.fromkeys((lr, wd) for _, lr, wd, _, _ in per_seed))
+            per_seed.sort(key=lambda r: cells.index((r[1], r[2])))  # stable: arms keep their order in a cell
+        out.extend(per_seed)
     return out
 
 
@@ -214,6 +226,8 @@ def summarize(config: dict[str, Any], records: list[dict[str, Any]], output_dir:
             row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([float(s) for s in steps])
             row[f"{key}_reached"] = len(steps)
         row["max_steps"] = sorted({x["args"]["max_steps"] for x in res})
+        row["peak_heldout_acc"] = _mean_sd([max(e["heldout_acc"] for e in x["log"]) for x in res if x["log"]])[0]
+        row["final_heldout_acc"] = _mean_sd([x["log"][-1]["heldout_acc"] for x in res if x["log"]])[0]
         row["wall_mean"], row["wall_sd"] = _mean_sd([x["timing"]["wall_s"] for x in res])
         row["steps_per_s"] = _mean_sd([x["timing"]["steps_per_s"] for x in res if x["timing"]["steps_per_s"]])[0]
         row["gate_mean"] = _mean_sd([x["gate_mean"] for x in res if x.get("gate_mean") is not None])[0]
@@ -242,12 +256,13 @@ def summarize(config: dict[str, Any], records: list[dict[str, Any]], output_dir:
               f"max_steps {sorted({m for r in rows for m in r['max_steps']}) or base.get('max_steps')}. "
               "Steps: first eval at which the accuracy reaches the threshold, mean ± sample sd over the seeds "
               "that reached it, (k/n) = how many of the finished seeds reached it before max_steps. "
+              "Peak / final: the highest and the last held-out accuracy of the run (mean over seeds). "
               "Gate: snr/mask_mean averaged over the run. Risk: Spearman rank correlation over the run with "
               "the held-out loss of the headline risk estimate (snr/population_risk when logged, else training "
               "loss + snr/cumulative_noise), and of the training loss for reference.", ""]
-    lines += ["| arm | optim_args | lr | wd | train ≥ 99 % (steps) | held-out ≥ 95 % (steps) | wall s | gate | "
-              "ρ(risk, held-out loss) | ρ(Δrisk, Δheld-out) | ρ(train loss, held-out loss) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| arm | optim_args | lr | wd | train ≥ 99 % (steps) | held-out ≥ 95 % (steps) | peak / final held-out "
+              "acc | wall s | gate | ρ(risk, held-out loss) | ρ(Δrisk, Δheld-out) | ρ(train loss, held-out loss) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         n = row["finished"]
         matched = recs_by_key[(row["arm"], row["lr"], row["wd"])][0]["matched_to"] is not None
@@ -266,6 +281,7 @@ def summarize(config: dict[str, Any], records: list[dict[str, Any]], output_dir:
         gate_cell = "—" if row["gate_mean"] is None else "%.3f" % row["gate_mean"]
         lines.append(
             f"| {row['arm']} | {row['optim_args'] or '—'} | {lr_text} | {wd_text} | {train_cell} | {heldout_cell} | "
+            f"{_fmt(row['peak_heldout_acc'], None, 3)} / {_fmt(row['final_heldout_acc'], None, 3)} | "
             f"{_fmt(row['wall_mean'], None, 0)} | {gate_cell} | "
             f"{num(head, 'spearman_heldout_loss')} | {num(head, 'spearman_delta')} | "
             f"{num(tl, 'spearman_heldout_loss')} |")
@@ -412,8 +428,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"study {time.perf_counter() - start:.0f} s)", flush=True)
         summarize(config, records, output_dir)
 
-    # Phase 1: runs with their own settings; phase 2: matched arms (they read phase 1's gates).
-    phases = [[r for r in records if r["matched_to"] is None], [r for r in records if r["matched_to"] is not None]]
+    # One process: in plan order (a matched run reads the gates of the runs finished before it, so list the
+    # matched arm after its source arm). Workers: phase 1 runs with their own settings, phase 2 the matched
+    # arms (they read phase 1's gates).
+    if workers == 1:
+        phases = [records]
+    else:
+        phases = [[r for r in records if r["matched_to"] is None], [r for r in records if r["matched_to"] is not None]]
     for phase in phases:
         todo = []
         for rec in phase:
@@ -421,9 +442,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = _existing(rec["run_dir"], args)
             if res is not None:
                 finished(rec, res, True)
+            elif workers == 1:
+                finished(rec, grokking.main(args), False)
             else:
                 todo.append((rec, args))
-        if workers == 1 or len(todo) <= 1:
+        if len(todo) <= 1:
             for rec, args in todo:
                 finished(rec, grokking.main(args), False)
         else:
