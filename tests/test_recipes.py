@@ -395,7 +395,7 @@ def test_compare_clean_baseline_recovered_and_risk_tracking(compare, tmp_path):
     assert summary["recovered"]["clean_arm"] == "adamw clean"
     assert "recovered" in summary["arms"]["snr"]["stats"]
     rt = summary["arms"]["snr"]["risk_tracking"]
-    for key in ("snr/memorization_rate", "snr/signal_minus_noise", "snr/signal", "snr/mask_mean"):
+    for key in ("snr/memorization_rate", "snr/signal_minus_noise", "snr/signal"):
         assert rt[key]["rho_level"]["n"] == 1, key
     assert "snr/population_risk" not in rt  # no longer logged: it did not track the held-out loss
     assert summary["arms"]["adamw"]["risk_tracking"] == {}
