@@ -329,18 +329,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
 
 
 def rankdata(values: Sequence[float]) -> list[float]:
-    """Ranks 1..n, ties get the average of the ranks they span (as scipy.stats.rankdata 'average')."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """Ranks 1..n, ties get the average of the ranks they span: compare.py's (one copy for the recipes)."""
+    here = str(pathlib.Path(__file__).resolve().parent)
+    if here not in sys.path:  # imported as a module from elsewhere (tests, the study, benchmarks)
+        sys.path.insert(0, here)
+    from compare import rank_average
+
+    return rank_average(values)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:

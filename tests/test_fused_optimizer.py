@@ -8,7 +8,7 @@ import torch
 
 from hf_snr import SNRAdamW, fused_cpu
 
-from test_gate_options import K_MICRO, OPTION_SETS, _feed, _mixed
+from test_gate_options import K_MICRO, OPTION_SETS, _feed, _mixed, resume_matches_straight
 
 needs_kernel = pytest.mark.skipif(not fused_cpu.available(), reason=f"no C kernel: {fused_cpu.unavailable_reason()}")
 
@@ -56,32 +56,8 @@ def test_fused_equals_the_oracle(name):
 @pytest.mark.parametrize("name", ["default", "all", "bf16_variance"])
 def test_fused_resume_equals_a_straight_run(name, tmp_path):
     opts = dict(CASES[name], fused=True, warmup_steps=2, lr=1e-2, weight_decay=0.1)
-
-    def make():
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(8, 6))
-        return p, SNRAdamW([p], **opts)
-
-    p, opt = make()
-    for t in range(1, 9):
-        _feed([p], t, K_MICRO)
-        opt.step()
-    straight = p.detach().clone()
-    p, opt = make()
-    for t in range(1, 5):
-        _feed([p], t, K_MICRO)
-        opt.step()
-    torch.save({"p": p.detach(), "opt": opt.state_dict()}, tmp_path / "c.pt")
-    saved = torch.load(tmp_path / "c.pt", weights_only=False)
-    p2, opt2 = make()
-    with torch.no_grad():
-        p2.copy_(saved["p"])
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.state[p2]["exp_var"].dtype == opt.state[p]["exp_var"].dtype  # state_dtype survives loading
-    for t in range(5, 9):
-        _feed([p2], t, K_MICRO)
-        opt2.step()
-    assert torch.equal(p2.detach(), straight)
+    (p, opt), (_, loaded) = resume_matches_straight(opts, tmp_path, shape=(8, 6))
+    assert loaded["exp_var"].dtype == opt.state[p]["exp_var"].dtype  # state_dtype survives loading
 
 
 def test_fused_falls_back_with_one_warning(monkeypatch, tmp_path):
