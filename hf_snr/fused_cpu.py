@@ -61,7 +61,7 @@ import torch
 __all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
-_ABI = 3
+_ABI = 4
 _BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # Tried in order: the fast build, then one without -march=native / OpenMP (e.g. a compiler that
 # lacks them); the chosen flags are part of the cache key.
@@ -93,7 +93,16 @@ class _Args(ctypes.Structure):
         ("q_rows", ctypes.c_void_p),
         ("row_sums", ctypes.c_void_p),
         ("stats", ctypes.c_void_p),
+        ("ncheck", ctypes.c_int64),
+        ("check_ptrs", ctypes.c_void_p),
+        ("check_numel", ctypes.c_void_p),
+        ("check_bf16", ctypes.c_void_p),
+        ("found", ctypes.c_void_p),
     ]
+
+
+class NonFiniteGradient(ArithmeticError):
+    """Raised by a call given ``check_finite`` when one of those tensors holds inf or nan: nothing was written."""
 
 
 # -- building and loading ------------------------------------------------------------------------
@@ -400,7 +409,7 @@ def _choice(name, value, table):
 def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None, sq_sums=None, row_lens=None,
          q_rows=None, lr=0.0, beta1=0.9, beta2=0.999, rho=0.999, eps=1e-8, weight_decay=0.0, bc1=1.0, bc2=1.0,
          bcr=1.0, alpha=1.0, softness=1.0, c=None, mask="snr", signal="ema", noise_scale=1.0, variance="ema",
-         sq_scale=1.0, g2_scale=0.0, gate_open=False, want_stats=False, num_threads=None):
+         sq_scale=1.0, g2_scale=0.0, gate_open=False, want_stats=False, num_threads=None, check_finite=None):
     lib = _load()
     if lib is None:
         raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
@@ -477,6 +486,13 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     stats = (ctypes.c_double * 5)() if want_stats else None
     if stats is not None:
         a.stats = ctypes.addressof(stats)
+    found = ctypes.c_int32(0)
+    if check_finite is not None:
+        chk = _check_arrays(check_finite, "check_finite")
+        if chk is not None:  # checked by the first kernel call, before it writes anything
+            a.ncheck = len(chk[0])
+            a.check_ptrs, a.check_numel, a.check_bf16 = (x.buffer_info()[0] for x in chk)
+            a.found = ctypes.addressof(found)
     total = [0.0] * 5
     for sub in plan.subs:
         if sub.idx is None:
@@ -497,6 +513,9 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
         rc = lib.snr_run(ctypes.byref(a))
         if rc != 0:
             raise RuntimeError(f"fused_cpu: the kernel rejected its arguments (code {rc})")
+        if found.value:
+            raise NonFiniteGradient("fused_cpu: a tensor of check_finite holds inf or nan (nothing was written)")
+        a.ncheck = 0  # the later calls of a mixed-dtype group: checked already
         if stats is not None:
             total = [x + y for x, y in zip(total, stats)]
     if pass_ == _PASS_MOMENTS:
@@ -518,7 +537,8 @@ def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: fl
          eps: float, weight_decay: float, bc1, bc2, bcr, alpha: float = 1.0, softness: float = 1.0,
          c: float | None = None, mask: str = "snr", signal: str = "ema", noise_scale=1.0,
          variance: str = "ema", sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, anchors=None,
-         gate_open=False, want_stats: bool = False, num_threads: int | None = None):
+         gate_open=False, want_stats: bool = False, num_threads: int | None = None,
+         check_finite=None):
     """One fused SNRAdamW step (moments, element gate or open gate, update) over a list of tensors.
 
     params: fp32 or bf16 tensors, updated in place; grads: each its parameter's dtype;
@@ -533,17 +553,22 @@ def step(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, beta1: fl
     est = max(sq_scale * sq - g2_scale * g^2, 0)). anchors: decay towards these (fp32 or bf16)
     instead of towards zero. num_threads: default torch.get_num_threads() (fewer for small groups:
     one per 32768 elements). Returns the 5 statistics (see the module doc) when want_stats, else None.
+    check_finite: tensors (fp32 / bf16, contiguous; any list, e.g. the gradients of every group of a step) read
+    for inf / nan before anything is written: if one holds any, :class:`NonFiniteGradient` is raised and
+    nothing was changed (nonfinite="skip" folded into the step's first call). Also for :func:`moments`
+    and :func:`update`.
     """
     return _run(_PASS_FULL, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors=anchors, sq_sums=sq_sums,
                 lr=lr, beta1=beta1, beta2=beta2, rho=rho, eps=eps, weight_decay=weight_decay, bc1=bc1, bc2=bc2,
                 bcr=bcr, alpha=alpha, softness=softness, c=c, mask=mask, signal=signal, noise_scale=noise_scale,
                 variance=variance, sq_scale=sq_scale, g2_scale=g2_scale, gate_open=gate_open,
-                want_stats=want_stats, num_threads=num_threads)
+                want_stats=want_stats, num_threads=num_threads, check_finite=check_finite)
 
 
 def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, beta2: float, rho: float, bc1, bcr,
             row_lens="tensor", signal: str = "ema", noise_scale=1.0, variance: str = "ema",
-            sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, num_threads: int | None = None):
+            sq_sums=None, sq_scale: float = 1.0, g2_scale: float = 0.0, num_threads: int | None = None,
+            check_finite=None):
     """Pass 1 of a row / whole-tensor gate: update s, m, v (zero sq) and sum mu2, sig2 per row.
 
     row_lens: "tensor" (one row per tensor), "row" (rows of numel / shape[0] elements for tensors of
@@ -556,14 +581,14 @@ def moments(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, beta1: float, bet
     return _run(_PASS_MOMENTS, params, grads, exp_avgs, exp_avg_sqs, exp_vars, sq_sums=sq_sums, row_lens=row_lens,
                 beta1=beta1, beta2=beta2, rho=rho, bc1=bc1, bc2=1.0, bcr=bcr, signal=signal,
                 noise_scale=noise_scale, variance=variance, sq_scale=sq_scale, g2_scale=g2_scale,
-                num_threads=num_threads)
+                num_threads=num_threads, check_finite=check_finite)
 
 
 def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: float, weight_decay: float,
            bc1, bc2, bcr, q_rows: torch.Tensor | None = None, row_lens="tensor", alpha: float = 1.0,
            softness: float = 1.0, c: float | None = None, mask: str = "snr", signal: str = "ema",
            noise_scale=1.0, anchors=None, gate_open=False, want_stats: bool = False,
-           num_threads: int | None = None):
+           num_threads: int | None = None, check_finite=None):
     """Pass 2: the gated update from the moments :func:`moments` left (m, v, s are only read).
 
     q_rows: fp32 tensor with one gate per row of row_lens (as :func:`moments` laid them out);
@@ -578,26 +603,38 @@ def update(params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, lr: float, eps: fl
                 row_lens=row_lens, q_rows=q_rows, lr=lr, eps=eps,
                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, bcr=bcr, alpha=alpha, softness=softness, c=c,
                 mask=mask, signal=signal, noise_scale=noise_scale, gate_open=gate_open, want_stats=want_stats,
-                num_threads=num_threads)
+                num_threads=num_threads, check_finite=check_finite)
 
 
-def any_nonfinite(tensors, num_threads: int | None = None) -> bool:
-    """Whether any element of these contiguous fp32 / bf16 CPU tensors is inf or nan (one read, at memory speed)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
+def _check_arrays(tensors, name):
+    """The kernel's arrays (pointers, numels, bf16 flags) for the non-finite check; None: nothing to check."""
     ts = [t for t in tensors if _numel(t)]
     for i, t in enumerate(ts):
         if not (_is_cpu(t) and _contig(t) and _dtype(t) in (_F32, _BF16)):
-            raise ValueError(f"fused_cpu.any_nonfinite: tensor {i} is {_describe(t)} (accepted: contiguous CPU "
+            raise ValueError(f"fused_cpu: {name}: tensor {i} is {_describe(t)} (accepted: contiguous CPU "
                              "float32 or bfloat16)")
     if not ts:
+        return None
+    return array("Q", map(_ptr, ts)), array("q", map(_numel, ts)), array("i", [_dtype(t) is _BF16 for t in ts])
+
+
+def any_nonfinite(tensors, num_threads: int | None = None) -> bool:
+    """Whether any element of these contiguous fp32 / bf16 CPU tensors is inf or nan (one read, at memory speed).
+
+    The same check :func:`step`, :func:`moments` and :func:`update` make before writing anything when
+    given ``check_finite``.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
+    chk = _check_arrays(tensors, "any_nonfinite")
+    if chk is None:
         return False
-    ptrs = array("Q", map(_ptr, ts))
-    numels = array("q", map(_numel, ts))
-    bf16 = array("i", [_dtype(t) is _BF16 for t in ts])
     n = num_threads or torch.get_num_threads()
-    return bool(lib.snr_nonfinite(len(ts), ptrs.buffer_info()[0], numels.buffer_info()[0], bf16.buffer_info()[0], n))
+    bad = lib.snr_nonfinite(len(chk[0]), *(x.buffer_info()[0] for x in chk), n)
+    if bad < 0:
+        raise MemoryError("fused_cpu.any_nonfinite: out of memory")
+    return bool(bad)
 
 
 def gate(sums: torch.Tensor, *, mask: str = "snr", alpha: float = 1.0, softness: float = 1.0,

@@ -123,6 +123,79 @@ def test_the_c_nonfinite_check_finds_inf_and_nan_and_nothing_else(dtype):
         fused_cpu.any_nonfinite([torch.zeros(4, 4).t()])
 
 
+def _folded_setup(policy, groups_opts):
+    """Two groups (as the Trainer makes), the second mixing fp32 and bf16 (two kernel calls), one step taken."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [[(300, 7), (11,)], [(64, 9), (5,), (130,)]]
+    params = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in g] for g in shapes]
+    params[1][1].data = params[1][1].data.bfloat16()
+    groups = [dict(params=ps, **o) for ps, o in zip(params, groups_opts)]
+    opt = SNRAdamW(groups, fused=True, nonfinite=policy, warmup_steps=0)
+    flat = [p for g in params for p in g]
+    for t in (1, 2):
+        for p in flat:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        if t == 1:
+            opt.step()
+    return flat, opt
+
+
+# element gates only (the check in the first group's update call), a row gate in the second group (in its
+# moments call, after the first group's moments), a row gate in the first (the very first call)
+FOLDED = {"element": ({}, dict(weight_decay=0.0)),
+          "row_second": ({}, dict(reduction="row", noise="ema")),
+          "row_first": (dict(reduction="tensor"), dict(mask="soft"))}
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("case", FOLDED)
+def test_the_nonfinite_skip_folded_into_the_kernel_changes_nothing(case, where, monkeypatch):
+    from test_optimizer import _assert_unchanged, _snapshot
+
+    flat, opt = _folded_setup("skip", FOLDED[case])
+    ref_flat, ref_opt = _folded_setup("skip", FOLDED[case])
+    # the step reads the gradients once, inside the kernel: the separate check is not called
+    monkeypatch.setattr(fused_cpu, "any_nonfinite", lambda *a, **k: pytest.fail("the separate check ran"))
+    bad = flat[0] if where == "first" else flat[-1]
+    bad.grad.view(-1)[-1] = float("nan")
+    snap = _snapshot(opt, flat)
+    opt.request_stats()
+    with pytest.warns(RuntimeWarning, match=r"skipped step 2: non-finite gradient \(1 skipped so far"):
+        opt.step()
+    _assert_unchanged(opt, flat, snap)
+    assert opt.snr_state["skipped_steps"] == 1 and opt.snr_state["steps"] == 1
+    assert opt.last_stats == {}  # the request carries over
+    # the next step is the one the reference takes at its step 2
+    gen = torch.Generator().manual_seed(5)
+    for a, b in zip(flat, ref_flat):
+        a.grad = torch.randn(a.shape, generator=gen).to(a.dtype)
+        b.grad = a.grad.clone()
+    ref_opt.request_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(flat, ref_flat):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["step"], ref_opt.state[b]["step"])
+    assert opt.last_stats["mask_mean"] == ref_opt.last_stats["mask_mean"]
+    assert opt.last_stats["skipped_steps"] == 1.0
+
+
+@needs_kernel
+def test_the_nonfinite_raise_folded_into_the_kernel_changes_nothing():
+    from test_optimizer import _assert_unchanged, _snapshot
+
+    flat, opt = _folded_setup("raise", FOLDED["row_second"])
+    flat[-1].grad[3] = float("inf")
+    snap = _snapshot(opt, flat)
+    with pytest.raises(RuntimeError, match=r"non-finite \(inf/nan\) gradient at optimizer step 2"):
+        opt.step()
+    _assert_unchanged(opt, flat, snap)
+    assert opt.snr_state["steps"] == 1
+
+
 _TRITON_WIRING = r"""
 import math, sys, warnings
 import torch
