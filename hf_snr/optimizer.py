@@ -388,7 +388,10 @@ class SNRAdamW(Optimizer):
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         self.last_stats  # fold pending statistics into snr_state (cumulative noise) before saving
+        self._read_device_skips()  # and the steps skipped on the device into the step counts
         sd = super().state_dict()
+        if any("device_skips" in st for st in sd["state"].values()):  # (zeros now; not part of the checkpoint)
+            sd["state"] = {k: {n: v for n, v in st.items() if n != "device_skips"} for k, st in sd["state"].items()}
         for g in sd["param_groups"]:
             g.pop("_numels", None)
         sd["snr_state"] = dict(self.snr_state)
@@ -425,6 +428,10 @@ class SNRAdamW(Optimizer):
                         self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
                 state = self.state[p]
                 state.pop("max_exp_avg_sq", None)
+                if isinstance(state.get("step"), torch.Tensor) and state["step"].device.type != "cpu":
+                    # torch puts a fused group's step on the parameter's device; ours is read on the host
+                    # every step (the bias corrections), so it stays on the CPU: no sync per tensor per step
+                    state["step"] = state["step"].to("cpu", torch.float32)
                 if "exp_avg" in state and "exp_var" not in state:
                     # an AdamW state: keep m, v and step; the variance starts now, its gate warms up again
                     state["exp_var"] = torch.zeros_like(state["exp_avg"], dtype=torch.float32)
@@ -442,7 +449,7 @@ class SNRAdamW(Optimizer):
     def _init_group(self, group: dict[str, Any]) -> dict[str, list]:
         """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params)."""
         t: dict[str, list] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars", "steps",
-                                               "var_starts", "anchors", "mb_sqs")}
+                                               "var_starts", "anchors", "mb_sqs", "states")}
         if group["reduction"] in ("tensor", "row") and [p.numel() for p in group["params"]] != group.get("_numels"):
             raise ValueError(
                 f"reduction={group['reduction']!r} needs whole parameter tensors, but this optimizer is being stepped "
@@ -484,6 +491,7 @@ class SNRAdamW(Optimizer):
             t["exp_avg_sqs"].append(state["exp_avg_sq"])
             t["exp_vars"].append(state["exp_var"])
             t["steps"].append(state["step"])
+            t["states"].append(state)
             start = state.get("exp_var_start")
             t["var_starts"].append(0.0 if start is None else float(start))
             t["anchors"].append(anchor)
@@ -711,17 +719,37 @@ class SNRAdamW(Optimizer):
         self.snr_state["steps"] = max(self.snr_state["steps"], step_now)
         return loss
 
+    def _read_device_skips(self) -> int:
+        """Fold the steps skipped on the device (CUDA fused) since the last read into the host counts.
+
+        Returns how many logical steps were skipped. Each tensor's step count loses the skips it saw (its
+        device counter), so the counts are the steps taken, as on the other paths. A host sync when any.
+        """
+        if self._device_skips is None:
+            return 0
+        skipped, self._device_skips = int(self._device_skips.item()), None
+        if not skipped:
+            return 0
+        states = [st for st in self.state.values() if "device_skips" in st]
+        counts = torch.cat([st["device_skips"] for st in states]).cpu().tolist() if states else []
+        for st, n in zip(states, counts):
+            if n:
+                st["step"].sub_(n)
+                st["device_skips"].zero_()
+        self.snr_state["steps"] -= skipped
+        if self._stats_step is not None:
+            self._stats_step -= skipped
+        self.snr_state["skipped_steps"] += skipped
+        warnings.warn(f"SNRAdamW skipped {skipped} step(s) on the device: non-finite gradient "
+                      f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')", RuntimeWarning)
+        return skipped
+
     def _finish_stats(self, total: torch.Tensor, steps: int) -> dict[str, float]:
         """Reduce the per-rank sums (one all-reduce, one host sync) into the logged statistics."""
         pg = self._stats_group()
         if pg is not None:
             total = _all_reduce(total, pg)
-        if self._device_skips is not None:  # read with the statistics: the one host sync
-            skipped, self._device_skips = int(self._device_skips.item()), None
-            if skipped:
-                self.snr_state["skipped_steps"] += skipped
-                warnings.warn(f"SNRAdamW skipped {skipped} step(s) on the device: non-finite gradient "
-                              f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')", RuntimeWarning)
+        steps -= self._read_device_skips()  # with the statistics: the one host sync
         s = dict(zip(_STAT_KEYS, total.tolist()))
         interval = max(steps - self.snr_state["last_stats_step"], 0)
         self.snr_state["cumulative_noise"] += s["noise"] * interval
@@ -1152,13 +1180,50 @@ class _fused:
         return tuple([_local(x) for x in t[k]] for k in keys)
 
     @staticmethod
+    def _device_scalars(group, t, found_inf):
+        """The per-tensor scalars of a step whose skip is decided on the device, computed there.
+
+        Each tensor's step count t is its host count (steps attempted, no sync) minus the skips its own
+        device counter (state["device_skips"]) has seen, so a skipped step does not advance the bias
+        corrections, the noise scale or the warm-up; the counters fold into the host counts when the
+        skip count is read (statistics, state_dict). As :func:`_scalars`, in float64, then fp32.
+        """
+        from .fused_triton import _to_dev
+
+        dev = found_inf.device
+        counters = []
+        for st in t["states"]:
+            c = st.get("device_skips")
+            if c is None:
+                c = st["device_skips"] = torch.zeros(1, dtype=torch.float32, device=dev)
+            counters.append(c)
+        torch._foreach_add_(counters, [found_inf.reshape(1)] * len(counters))
+        host = _to_dev([[x.item() for x in t["steps"]], list(t["var_starts"])], torch.float64, dev)
+        te = host[0] - torch.cat(counters).double()
+        beta1, beta2 = group["betas"]
+        var_t = te - host[1]
+        cols = {"bc1": 1 - torch.pow(beta1, te), "bc2": 1 - torch.pow(beta2, te),
+                "bcr": 1 - torch.pow(group["rho"], var_t)}
+        if group["noise"] == "ema" and beta1 != 0.0:
+            b1t = torch.pow(beta1, te)
+            cols["noise_scale"] = (1 - beta1) * (1 + b1t) / ((1 + beta1) * (1 - b1t))
+        else:
+            cols["noise_scale"] = 1.0
+        cols["open"] = (var_t <= group["warmup_steps"]).float() if group["snr"] else True
+        return cols
+
+    @staticmethod
     def moments(group, t, mb, found_inf=None, check=None):
         """check: [gradients] for the first kernel call of the step to check (popped by the call that does)."""
         kernel = _fused._kernel(t)
         flag = {} if found_inf is None else {"found_inf": found_inf}
         torch._foreach_add_(t["steps"], 1.0)
-        scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
-        ctx = {"scalars": scal, "mb": mb, "sums": None, "flag": flag}
+        if found_inf is None:
+            scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
+            cols = {name: [k[name] for k in scal] for name in ("bc1", "bc2", "bcr", "noise_scale", "open")}
+        else:
+            cols = _fused._device_scalars(group, t, found_inf)
+        ctx = {"cols": cols, "mb": mb, "sums": None, "flag": flag}
         if group["reduction"] in ("tensor", "row") and group["snr"]:
             beta1, beta2 = group["betas"]
             lists = _fused._lists(t)
@@ -1166,9 +1231,9 @@ class _fused:
                 flag = dict(flag, check_finite=check.pop())
             try:
                 flat = kernel.moments(
-                    *lists, **flag, beta1=beta1, beta2=beta2, rho=group["rho"], bc1=[k["bc1"] for k in scal],
-                    bcr=[k["bcr"] for k in scal], row_lens=group["reduction"], signal=group["signal"],
-                    noise_scale=[k["noise_scale"] for k in scal], variance=group["variance"],
+                    *lists, **flag, beta1=beta1, beta2=beta2, rho=group["rho"], bc1=cols["bc1"],
+                    bcr=cols["bcr"], row_lens=group["reduction"], signal=group["signal"],
+                    noise_scale=cols["noise_scale"], variance=group["variance"],
                     sq_sums=t["mb_sqs"] if mb else None, sq_scale=mb[0] if mb else 1.0,
                     g2_scale=mb[1] if mb else 0.0)
             except ArithmeticError:  # fused_cpu.NonFiniteGradient: nothing written; this step did not happen
@@ -1186,15 +1251,15 @@ class _fused:
     def update(group, t, ctx, want_stats, check=None):
         kernel = _fused._kernel(t)
         beta1, beta2 = group["betas"]
-        scal, mb = ctx["scalars"], ctx["mb"]
+        cols, mb = ctx["cols"], ctx["mb"]
         alpha, softness, c = _gate_knobs(group)
         lists = _fused._lists(t)
         anchors = None if all(a is None for a in t["anchors"]) else [_local(a) for a in t["anchors"]]
         common = dict(lr=float(group["lr"]), eps=group["eps"], weight_decay=group["weight_decay"],
-                      bc1=[k["bc1"] for k in scal], bc2=[k["bc2"] for k in scal], bcr=[k["bcr"] for k in scal],
+                      bc1=cols["bc1"], bc2=cols["bc2"], bcr=cols["bcr"],
                       alpha=alpha, softness=softness, c=c, mask=group["mask"], signal=group["signal"],
-                      noise_scale=[k["noise_scale"] for k in scal], anchors=anchors,
-                      gate_open=[k["open"] for k in scal], want_stats=want_stats, **ctx["flag"])
+                      noise_scale=cols["noise_scale"], anchors=anchors,
+                      gate_open=cols["open"], want_stats=want_stats, **ctx["flag"])
         if check:
             common["check_finite"] = check.pop()
         if ctx["sums"] is None:

@@ -226,17 +226,34 @@ for opts in ({}, dict(reduction="row", noise="ema"), dict(decay_to="init", mask=
         assert abs(fs["mask_mean"] - rs["mask_mean"]) < 1e-5, (fs, rs)
     # a non-finite gradient: decided on the device, nothing moves, counted when the statistics are read
     before = [x.detach().clone() for x in a] + [fused.state[x][k].clone() for x in a for k in ("exp_avg", "exp_avg_sq", "exp_var")]
-    for x in a:
+    for x, y in zip(a, b):
         x.grad = torch.randn(x.shape)
-    a[0].grad[1, 1] = float("nan")
+        y.grad = x.grad.clone()
+    a[0].grad[1, 1] = b[0].grad[1, 1] = float("nan")
     fused.request_stats()
     fused.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.step()  # skipped on the host
     after = [x.detach() for x in a] + [fused.state[x][k] for x in a for k in ("exp_avg", "exp_avg_sq", "exp_var")]
     assert all(torch.equal(u, v) for u, v in zip(before, after))
+    # the steps after it take the bias corrections (and warm-up) of the steps taken, not attempted, before the
+    # skip count is read (no sync): the trajectory stays the oracle's
+    for t in range(8, 10):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen)
+            x.grad, y.grad = g.clone(), g.clone()
+        fused.step(); ref.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         stats = fused.last_stats
     assert stats["skipped_steps"] == 1.0 and any("on the device" in str(x.message) for x in w)
+    # read with the statistics, the skip folds into the step counts: those of the steps taken, as the oracle's
+    assert [fused.state[x]["step"].item() for x in a] == [ref.state[y]["step"].item() for y in b] == [8.0, 8.0]
+    assert fused.snr_state["steps"] == ref.snr_state["steps"] == 8
+    assert all("device_skips" not in st for st in fused.state_dict()["state"].values())
 print("TRITON-WIRING-OK")
 """
 
