@@ -141,7 +141,8 @@ class NoisyDPOArguments(ScriptArguments):
         default=0,
         metadata={"help": "Before DPO: this many steps of plain causal-LM training (SFT) of the policy on the training "
                           "pairs' texts (prompt + chosen and prompt + rejected; labels unused), then the SFT model is "
-                          "both the DPO starting point and the (frozen) reference. 0: no SFT stage. Tiny model only."},
+                          "both the DPO starting point and the (frozen) reference (with --use_peft: the adapter trains on top of "
+                          "the SFT weights, the reference is the adapter disabled). 0: no SFT stage."},
     )
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "SFT stage: AdamW learning rate (constant)."})
     sft_batch_size: int = field(default=32, metadata={"help": "SFT stage: texts per step."})
@@ -319,6 +320,23 @@ def build_model(script_args, training_args, model_args, train: Dataset, test: Da
 
 
 # -- the SFT stage: a "pretrained" reference policy -----------------------------------------------------
+def load_for_sft(name: str, training_args):
+    """(model, tokenizer) of a Hub id or folder, loaded with the kwargs TRL would use, for the SFT stage.
+
+    The DPO trainer then gets the trained model object, so its loading kwargs are consumed here.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {k: v for k, v in (training_args.model_init_kwargs or {}).items() if v is not None}
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    training_args.model_init_kwargs = None
+    return model, tokenizer
+
+
+
 def sft_texts(train: Dataset, tokenizer) -> list[str]:
     """prompt + chosen and prompt + rejected of every training pair (strings; chats through the chat template).
 
@@ -500,15 +518,16 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     model, ref_model, tokenizer = build_model(script_args, training_args, model_args, train, test)
     sft = {"steps": 0}
     if script_args.sft_steps:
-        if isinstance(model, str) or model_args.use_peft:
-            raise ValueError("--sft_steps needs the in-memory tiny model without PEFT (--model_name_or_path tiny)")
         sft_start = time.perf_counter()
+        if isinstance(model, str):  # a Hub id or a folder: load it here (TRL's own loading kwargs) to train it first
+            model, tokenizer = load_for_sft(model, training_args)
         texts = sft_texts(train, tokenizer)
         settings = dict(steps=script_args.sft_steps, lr=script_args.sft_learning_rate,
                         batch=script_args.sft_batch_size, wd=script_args.sft_weight_decay, seed=training_args.seed,
                         max_length=training_args.max_length, dtype=str(next(model.parameters()).dtype),
                         model=[script_args.tiny_hidden, script_args.tiny_layers, script_args.tiny_heads,
-                               script_args.tiny_ffn], vocab=len(tokenizer), torch=torch.__version__)
+                               script_args.tiny_ffn] if model_args.model_name_or_path == TINY
+                        else model_args.model_name_or_path, vocab=len(tokenizer), torch=torch.__version__)
         cache = None
         if script_args.sft_cache_dir:
             import hashlib
@@ -531,7 +550,9 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         sft["wall_time_s"] = time.perf_counter() - sft_start
         for p in model.parameters():
             p.grad = None
-        ref_model = copy.deepcopy(model)  # the SFT model is the reference: drift 0 at DPO step 0
+        # the SFT model is the reference: drift 0 at DPO step 0 (with PEFT, TRL's reference is the model with
+        # its adapter disabled: these SFT weights, which the adapter then trains on top of)
+        ref_model = None if model_args.use_peft else copy.deepcopy(model)
         if not quiet:
             print(f"noisy_dpo: SFT {sft['steps']} steps, LM loss {sft['loss_before']:.3f} -> {sft['loss_after']:.3f} "
                   f"nats/token ({sft['wall_time_s']:.1f} s)")

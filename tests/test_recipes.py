@@ -311,6 +311,26 @@ def test_sft_stage_is_deterministic_reduces_lm_loss_and_is_the_reference(noisy_d
     assert none["sft"] == {"steps": 0}
 
 
+def test_sft_stage_on_a_saved_model_with_lora(noisy_dpo, tmp_path):
+    """The SFT regime on a model loaded from a folder (the Hub code path; the SmolLM2 config uses it) with LoRA:
+    SFT trains the loaded weights, then the adapter trains on top and the reference is the SFT model."""
+    from hf_snr.synthetic import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, hidden=32, layers=1, heads=2, ffn=64, seed=0).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run = noisy_dpo.main(*noisy_dpo.parse_args([
+        "--config", TINY, *SMALL, "--model_name_or_path", str(tmp_path / "model"), "--use_peft", "true",
+        "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--sft_steps", "8", "--sft_learning_rate",
+        "1e-2", "--eval_on_start", "true", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "out")]))
+    sft = run["sft"]
+    assert sft["steps"] == 8 and sft["loss_after"] < sft["loss_before"]  # the loaded weights were trained
+    start = next(e for e in run["log_history"] if e.get("step") == 0 and "eval_rewards/drift" in e)
+    assert start["eval_rewards/drift"] == 0.0  # adapter at zero: the policy is the reference, the SFT model
+    end = [e for e in run["log_history"] if "eval_rewards/drift" in e][-1]
+    assert end["step"] == 3 and end["eval_rewards/drift"] > 0.0  # the adapter trained away from it
+
+
 def test_spearman_with_ties(compare):
     assert compare.rank_average([10, 20, 20, 5]) == [2.0, 3.5, 3.5, 1.0]
     assert compare.spearman([1, 2, 3, 4], [10, 20, 30, 100]) == pytest.approx(1.0)
