@@ -1219,8 +1219,12 @@ class _fused:
         flag = {} if found_inf is None else {"found_inf": found_inf}
         torch._foreach_add_(t["steps"], 1.0)
         if found_inf is None:
-            scal = [_scalars(group, x.item(), vs) for x, vs in zip(t["steps"], t["var_starts"])]
-            cols = {name: [k[name] for k in scal] for name in ("bc1", "bc2", "bcr", "noise_scale", "open")}
+            steps, starts = [x.item() for x in t["steps"]], t["var_starts"]
+            if min(steps) == max(steps) and min(starts) == max(starts):  # the usual case: one set for the group
+                cols = _scalars(group, steps[0], starts[0])
+            else:
+                scal = [_scalars(group, x, vs) for x, vs in zip(steps, starts)]
+                cols = {name: [k[name] for k in scal] for name in ("bc1", "bc2", "bcr", "noise_scale", "open")}
         else:
             cols = _fused._device_scalars(group, t, found_inf)
         ctx = {"cols": cols, "mb": mb, "sums": None, "flag": flag}
