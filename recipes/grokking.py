@@ -328,29 +328,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
     return loss / len(y), correct / len(y)
 
 
-def rankdata(values: Sequence[float]) -> list[float]:
-    """Ranks 1..n, ties get the average of the ranks they span: compare.py's (one copy for the recipes)."""
+def _compare():
+    """recipes/compare.py, the one copy of the rank statistics the recipes share."""
     here = str(pathlib.Path(__file__).resolve().parent)
     if here not in sys.path:  # imported as a module from elsewhere (tests, the study, benchmarks)
         sys.path.insert(0, here)
-    from compare import rank_average
+    import compare
 
-    return rank_average(values)
+    return compare
+
+
+def rankdata(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties get the average of the ranks they span (compare.py's rank_average)."""
+    return _compare().rank_average(values)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (Pearson on tie-averaged ranks); None if < 3 pairs or a constant side."""
+    """compare.py's Spearman over the pairs where both values are finite; None (JSON null) where undefined."""
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return None
-    rx, ry = rankdata([a for a, _ in pairs]), rankdata([b for _, b in pairs])
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
+    rho = _compare().spearman([a for a, _ in pairs], [b for _, b in pairs])
+    return None if math.isnan(rho) else rho
 
 
 def _rel_error(est: list[float], target: list[float]) -> float | None:
