@@ -58,6 +58,8 @@ from typing import Sequence
 
 import torch
 
+from . import _fused_common as _common
+
 __all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
@@ -67,11 +69,17 @@ _BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"
 # lacks them); the chosen flags are part of the cache key.
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 
-_MASKS = {"snr": 0, "soft": 1, "hard": 2}
-_SIGNALS = {"ema": 0, "step": 1}
-_VARIANCES = {"ema": 0, "microbatch": 1}
-_FP32_MAX = torch.finfo(torch.float32).max
-_TINY = torch.finfo(torch.float32).tiny
+_MASKS, _SIGNALS, _VARIANCES = _common.MASKS, _common.SIGNALS, _common.VARIANCES
+_FP32_MAX = _common.FP32_MAX
+_describe = _common.describe
+
+
+def _choice(name, value, table):
+    return _common.choice("fused_cpu", name, value, table)
+
+
+def _rows(row_lens, params, numels):
+    return _common.rows("fused_cpu", row_lens, params, numels)
 _PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = 0, 1, 2
 
 
@@ -288,23 +296,6 @@ def _check_list(name, ts, n, dtypes, numels):
     return [t.dtype for t in ts]
 
 
-def _rows(row_lens, params, numels):
-    """(row length, number of rows) per tensor."""
-    if isinstance(row_lens, str):
-        if row_lens == "tensor":
-            nrows = [1] * len(numels)
-        elif row_lens == "row":  # as the optimizer's oracle: x.reshape(x.shape[0], -1) for 2+ dims
-            nrows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
-        else:
-            raise ValueError(f"fused_cpu: row_lens must be 'tensor', 'row' or a list of ints, not {row_lens!r}")
-        return [n // r if r else 0 for n, r in zip(numels, nrows)], nrows
-    rl = [int(r) for r in row_lens]
-    if len(rl) != len(numels):
-        raise ValueError(f"fused_cpu: row_lens has {len(rl)} entries for {len(numels)} tensors")
-    for i, (r, n) in enumerate(zip(rl, numels)):
-        if r <= 0 and n > 0 or r > 0 and n % r != 0:
-            raise ValueError(f"fused_cpu: row_lens[{i}] = {r} does not divide the tensor's {n} elements")
-    return rl, [n // r if r > 0 else 0 for n, r in zip(numels, rl)]
 
 
 def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs, with_numels):
@@ -399,11 +390,6 @@ def _tensor_scalars(bc1, bc2, bcr, noise_scale, gate_open, n):
     return out, 5
 
 
-def _choice(name, value, table):
-    try:
-        return table[value]
-    except (KeyError, TypeError):
-        raise ValueError(f"fused_cpu: {name} must be one of {', '.join(table)}, not {value!r}") from None
 
 
 def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None, sq_sums=None, row_lens=None,
@@ -526,10 +512,6 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     return tuple(total) if stats is not None else None
 
 
-def _describe(t):
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{t.dtype} {t.device} shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}"
 
 
 # -- public API ----------------------------------------------------------------------------------
@@ -643,15 +625,4 @@ def gate(sums: torch.Tensor, *, mask: str = "snr", alpha: float = 1.0, softness:
 
     As the optimizer's oracle does: the sums rounded to fp32, the mask in fp32.
     """
-    _choice("mask", mask, _MASKS)
-    alpha, softness = min(float(alpha), _FP32_MAX), min(float(softness), _FP32_MAX)
-    c = min(softness * alpha, _FP32_MAX) if c is None else min(float(c), _FP32_MAX)
-    mu2, sig2 = sums[:, 0].float(), sums[:, 1].float()
-    if mask == "snr":
-        q = mu2 / (mu2 + c * sig2).clamp_min(_TINY)
-    elif mask == "soft":
-        e = (mu2 - alpha * sig2).clamp_min(0.0)
-        q = e / (e + softness * sig2).clamp_min(_TINY)
-    else:
-        q = (mu2 > alpha * sig2).float()
-    return q.contiguous()
+    return _common.gate("fused_cpu", sums, mask, alpha, softness, c)

@@ -62,6 +62,7 @@ except Exception:  # pragma: no cover
     DTensor = None
     Shard = None
 
+from ._fused_common import mask as _mask  # the gate formula, shared with the fused kernels' gate()
 from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, REDUCTIONS,
                       validate_hparams, validate_value)
 
@@ -907,16 +908,6 @@ class _single_tensor:
                 ])
                 part = row if part is None else part + row
         return part
-
-
-def _mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softness: float, c: float):
-    """q in [0, 1] from mu^2 and sigma^2 (tensors or sums). No eps: only 0/0 is guarded."""
-    if kind == "snr":
-        return mu2 / (mu2 + c * sig2).clamp_min(_TINY)
-    if kind == "soft":
-        excess = (mu2 - alpha * sig2).clamp_min(0.0)
-        return excess / (excess + softness * sig2).clamp_min(_TINY)
-    return (mu2 > alpha * sig2).to(mu2.dtype)
 
 
 # On CPU the foreach sequence runs over blocks of about this many elements per intra-op thread (up
