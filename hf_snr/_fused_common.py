@@ -7,7 +7,11 @@ the module the caller used.
 
 from __future__ import annotations
 
+from array import array
+
 import torch
+
+_data_ptr = torch.Tensor.data_ptr
 
 FP32_MAX = torch.finfo(torch.float32).max
 TINY = torch.finfo(torch.float32).tiny
@@ -56,6 +60,33 @@ def rows(prefix: str, row_lens, params, numels):
         if r <= 0 and n > 0 or r > 0 and n % r != 0:
             raise ValueError(f"{prefix}: row_lens[{i}] = {r} does not divide the tensor's {n} elements")
     return rl, [n // r if r > 0 else 0 for n, r in zip(numels, rl)]
+
+
+def state_pointers(prefix: str, typecode: str, params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
+                   use_p0: bool, use_sq: bool, check_list):
+    """The kernel's pointer array for p, m, v, s, p0, sq (0 where absent), n entries each, in that order.
+
+    Its bytes also key the cache of validated groups. A non-tensor or a list of another length anywhere:
+    ``check_list(name, tensors, n, dtypes, numels)`` names the culprit, else a ValueError.
+    """
+    n = len(params)
+    try:
+        ptrs = array(typecode, map(_data_ptr, params))
+        for ts, use in ((exp_avgs, True), (exp_avg_sqs, True), (exp_vars, True), (anchors, use_p0),
+                        (sq_sums, use_sq)):
+            if use:
+                if len(ts) != n:
+                    raise TypeError
+                ptrs.extend(map(_data_ptr, ts))
+            else:
+                ptrs.frombytes(bytes(8 * n))
+    except TypeError:
+        for name, ts in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                         ("exp_vars", exp_vars), ("anchors", anchors), ("sq_sums", sq_sums)):
+            if ts is not None:
+                check_list(name, ts, n, (torch.float32, torch.bfloat16), None)
+        raise ValueError(f"{prefix}: the tensor lists must be lists of tensors") from None
+    return ptrs
 
 
 def gate(prefix: str, sums: torch.Tensor, kind: str, alpha: float, softness: float, c: float | None) -> torch.Tensor:

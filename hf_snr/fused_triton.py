@@ -674,22 +674,8 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     n = len(params)
     use_p0 = anchors is not None and pass_ != _PASS_MOMENTS
     use_sq = sq_sums is not None and pass_ != _PASS_UPDATE
-    try:
-        ptrs = array("q", map(_ptr, params))
-        for ts, use in ((exp_avgs, True), (exp_avg_sqs, True), (exp_vars, True), (anchors, use_p0),
-                        (sq_sums, use_sq)):
-            if use:
-                if len(ts) != n:
-                    raise TypeError
-                ptrs.extend(map(_ptr, ts))
-            else:
-                ptrs.frombytes(bytes(8 * n))
-    except TypeError:  # a non-tensor or a list of another length somewhere: the full check names it
-        for name, ts in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                         ("exp_vars", exp_vars), ("anchors", anchors), ("sq_sums", sq_sums)):
-            if ts is not None:
-                _check_list(name, ts, n, (_F32, _BF16), None)
-        raise ValueError("fused_triton: the tensor lists must be lists of tensors") from None
+    ptrs = _common.state_pointers("fused_triton", "q", params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
+                                  use_p0, use_sq, _check_list)
     variance_k = _choice("variance", variance, _VARIANCES)
     signal_k = _choice("signal", signal, _SIGNALS)
     mask_k = _choice("mask", mask, _MASKS)
