@@ -447,8 +447,12 @@ class SNRAdamW(Optimizer):
             self.snr_state = dict(snr_state)
 
     # -- the step -----------------------------------------------------------------------------
-    def _init_group(self, group: dict[str, Any]) -> dict[str, list]:
-        """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params)."""
+    def _init_group(self, group: dict[str, Any], create: bool = True) -> dict[str, list] | None:
+        """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params).
+
+        create=False: gather the lists only if every tensor with a gradient has its state already, else
+        return None having written nothing (the non-finite check must come before any state is created).
+        """
         t: dict[str, list] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars", "steps",
                                                "var_starts", "anchors", "mb_sqs", "states")}
         if group["reduction"] in ("tensor", "row") and [p.numel() for p in group["params"]] != group.get("_numels"):
@@ -465,8 +469,10 @@ class SNRAdamW(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(_SPARSE_MSG)
-            state = self.state[p]
-            if "step" not in state:
+            state = self.state[p] if create else self.state.get(p)  # (get: no empty entry for p)
+            if state is None or "step" not in state:
+                if not create:
+                    return None
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 fp32 = dict(dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg"] = torch.zeros_like(p, **fp32)
@@ -597,10 +603,9 @@ class SNRAdamW(Optimizer):
         """
         prepared = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and "step" not in self.state.get(p, ()):
-                    return None
-            tensors = self._init_group(group)
+            tensors = self._init_group(group, create=False)
+            if tensors is None:
+                return None
             if tensors["params"]:
                 prepared.append((group, tensors, self._implementation(group, tensors)))
         return prepared

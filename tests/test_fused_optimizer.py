@@ -121,6 +121,11 @@ def test_the_c_nonfinite_check_finds_inf_and_nan_and_nothing_else(dtype):
             ts[0][69_999] = 0.0
     with pytest.raises(ValueError, match="contiguous CPU float32 or bfloat16"):
         fused_cpu.any_nonfinite([torch.zeros(4, 4).t()])
+    # the culprit is named by its place in the caller's list (empty tensors, which are never read, included)
+    with pytest.raises(ValueError, match=r"tensor 2 is torch.float16 cpu shape \(3,\)"):
+        fused_cpu.any_nonfinite([torch.zeros(3), torch.zeros(0, dtype=torch.float16), torch.zeros(3).half()])
+    with pytest.raises(ValueError, match="tensor 1 is list"):
+        fused_cpu.any_nonfinite([torch.zeros(3), [1.0]])
 
 
 def _folded_setup(policy, groups_opts):

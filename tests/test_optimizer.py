@@ -681,6 +681,36 @@ def test_nonfinite_skip_leaves_everything_unchanged_and_counts(bad, foreach):
     assert opt.last_stats["skipped_steps"] == 1.0 and opt.last_stats["signal"] > 0
 
 
+@pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
+                         ids=["per_tensor", "foreach", "fused"])
+def test_a_skipped_first_step_creates_no_state(impl):
+    """A non-finite gradient on a tensor's first step: no state is created for any tensor (not even an
+    empty entry), and the next finite step is everyone's first, as on a fresh optimizer."""
+    if impl.get("fused"):
+        from hf_snr import fused_cpu
+
+        if not fused_cpu.available():
+            pytest.skip(f"no fused CPU kernel: {fused_cpu.unavailable_reason()}")
+    shapes = [((4, 3), torch.float32), ((5,), torch.bfloat16), ((6,), torch.float32)]
+    params, fresh = _params(shapes), _params(shapes)
+    opt, ref = SNRAdamW(params, warmup_steps=0, **impl), SNRAdamW(fresh, warmup_steps=0, **impl)
+    params[2].requires_grad_(False)  # no gradient: skipped by both
+    fresh[2].requires_grad_(False)
+    _set_grads(params[:2], 0)
+    params[1].grad[3] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert len(opt.state) == 0 and opt.snr_state["skipped_steps"] == 1 and opt.snr_state["steps"] == 0
+    for ps, o in ((params, opt), (fresh, ref)):
+        _set_grads(ps[:2], 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            o.step()
+    for a, b in zip(params, fresh):
+        assert torch.equal(a, b)
+    assert [opt.state[p]["step"].item() for p in params[:2]] == [1.0, 1.0] and params[2] not in opt.state
+
+
 def test_large_finite_gradients_are_not_mistaken_for_overflow():
     params = _params([((2,), torch.float32), ((2,), torch.float32), ((2,), torch.float32)])
     opt = SNRAdamW(params)
