@@ -16,7 +16,9 @@ gradient came from, and leaving out forward/backward keeps the measurement to th
 
 Contestants: SNRAdamW fused (fused=True: default non-finite check "skip", and "propagate", which
 does no check, as AdamW; and with a bf16 variance), foreach and per-tensor (warmup_steps=0 so that
-the gate is computed every step, default mask "snr") and AdamW (foreach and fused). All update the *same* parameter
+the gate is computed every step, default mask "snr") and AdamW (foreach and fused). On CPU also the
+non-finite check alone (the C loop that "skip" runs inside the step's first kernel call, here on its
+own): the default's time is about propagate's plus this one read of the gradients. All update the *same* parameter
 tensors and read the same gradients (each keeps its own state), so memory holds one model.
 
 Measured, one run, all reported as ratios to AdamW-foreach at the same dtype:
@@ -92,7 +94,30 @@ def contestants(params, per_tensor: bool = True):
     }
     if per_tensor:
         out["SNRAdamW per-tensor"] = SNRAdamW(params, foreach=False, **snr)
+    if params[0].device.type == "cpu":
+        from hf_snr import fused_cpu
+
+        if fused_cpu.available():
+            out[CHECK_ONLY] = _CheckOnly(params)
     return out
+
+
+CHECK_ONLY = "non-finite check alone (one read of the gradients)"
+
+
+class _CheckOnly:
+    """What nonfinite="skip" adds to a fused CPU step, alone: the kernel's inf/nan check of every gradient
+    (fused_cpu.any_nonfinite, the same C loop the step's first call runs). A stepper, not an optimizer: no state."""
+
+    def __init__(self, params):
+        self.grads = [p.grad for p in params]
+        self.state: dict = {}
+
+    def step(self):
+        from hf_snr import fused_cpu
+
+        if fused_cpu.any_nonfinite(self.grads):
+            raise RuntimeError("the benchmark's gradients are finite")
 
 
 def state_bytes(opt) -> int:
