@@ -120,6 +120,25 @@ class _CheckOnly:
             raise RuntimeError("the benchmark's gradients are finite")
 
 
+def read_bytes(name: str, dtype_name: str) -> int | None:
+    """Bytes per parameter a fused stepper reads at the least (each tensor once; None for the others).
+
+    AdamW: p, g, m, v (its state in the parameter's dtype); SNRAdamW: p, g and fp32 m, v, s (s bf16 with a
+    bf16 variance), plus g once more for the default non-finite skip. Where the step is bound by how fast
+    one core reads (fp32, one thread, a model far larger than the caches) the time ratios follow these
+    bytes' ratios; where it is bound by arithmetic (bf16 conversions) or the data sits in cache, they do not.
+    """
+    w = 4 if dtype_name == "fp32" else 2
+    table = {
+        "AdamW fused": 4 * w,
+        "SNRAdamW fused": 2 * w + 12 + w,
+        "SNRAdamW fused, nonfinite=propagate": 2 * w + 12,
+        "SNRAdamW fused, bf16 variance": 2 * w + 10 + w,
+        CHECK_ONLY: w,
+    }
+    return table.get(name)
+
+
 def state_bytes(opt) -> int:
     return sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
@@ -181,6 +200,11 @@ def bench(size_m: float, dtype_name: str, steps: int, device: str = "cpu", per_t
         rows.append(dict(name=n, device=device, dtype=dtype_name, threads=torch.get_num_threads(), n_params=n_params,
                          n_tensors=len(params), time=statistics.median(times[n]), cpu=statistics.median(cpu[n]),
                          state=state_bytes(opts[n]), peak=transient_peak(opts[n], device)))
+    for r in rows:  # the bytes each fused stepper must read per parameter, and the rate it read them at
+        b = read_bytes(r["name"], dtype_name)
+        if b is not None:
+            r["read_bytes_per_param"] = b
+            r["read_gb_per_s"] = b * n_params / r["time"] / 1e9
     fused_ref = next(r for r in rows if r["name"] == "AdamW fused")
     foreach_ref = next(r for r in rows if r["name"] == "AdamW foreach")
     for r in rows:
@@ -203,6 +227,21 @@ def table(rows: list[dict]) -> str:
             f"| {r['device']} | {r['dtype']} | {r['threads']} | {r['name']} | {r['time'] * 1e3:.1f} | "
             f"{r['time_vs_adamw_fused']:.2f}x | {r['time_vs_adamw_foreach']:.2f}x | {r['state'] / 2**20:.1f} | "
             f"{r['state'] / fp32_state:.3f}x | {r['peak'] / 2**20:.1f} |")
+    return "\n".join(out)
+
+
+def read_table(rows: list[dict]) -> str:
+    """The fused steppers' least bytes read per parameter, their ratio to AdamW's, the time ratio and the read rate."""
+    out = ["| device | dtype | threads | stepper | bytes read / param | bytes read / AdamW's | time / AdamW fused |"
+           " read GB/s |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "read_bytes_per_param" not in r:
+            continue
+        ref = next(x for x in rows if x["name"] == "AdamW fused" and x["dtype"] == r["dtype"]
+                   and x["threads"] == r["threads"])
+        out.append(f"| {r['device']} | {r['dtype']} | {r['threads']} | {r['name']} | {r['read_bytes_per_param']} | "
+                   f"{r['read_bytes_per_param'] / ref['read_bytes_per_param']:.2f}x | "
+                   f"{r['time_vs_adamw_fused']:.2f}x | {r['read_gb_per_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -237,6 +276,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {r0['n_params'] / 1e6:.1f}M parameters in {r0['n_tensors']} tensors, "
           f"{args.steps} interleaved rounds\n")
     print(table(rows))
+    print()
+    print(read_table(rows))
     print()
     lines = [json.dumps({"kind": "step", **r}) for r in rows]
     print("\n".join(lines))
