@@ -40,7 +40,10 @@ the step does comparable work; in bf16 its state is 3x AdamW's (fp32 vs bf16 mom
 step converts gradients and parameters, so expect the bf16 time ratio to be well above the fp32
 one. On CPU SNRAdamW's foreach path runs in cache-sized blocks (see hf_snr/optimizer.py), which is
 why its transient memory is a few MiB where AdamW-foreach allocates a model-sized temporary.
-On a machine shared with other jobs, prefer --threads 1: with several threads every op waits for
+A second table gives, for each fused stepper, the bytes it must read per parameter (read_bytes) and the
+rate it read them at: in fp32 on one core all read at the same rate, so the time ratios are the ratios
+of those bytes (AdamW 16, SNRAdamW 20, and 24 with the default non-finite check, which must read the
+gradients before anything is written). On a machine shared with other jobs, prefer --threads 1: with several threads every op waits for
 all of them, and a descheduled thread stalls each of the ~20 ops per block.
 """
 
