@@ -450,8 +450,9 @@ class SNRAdamW(Optimizer):
     def _init_group(self, group: dict[str, Any], create: bool = True) -> dict[str, list] | None:
         """Lazily create state for the tensors now in the group (FSDP2/ZeRO re-point params).
 
-        create=False: gather the lists only if every tensor with a gradient has its state already, else
-        return None having written nothing (the non-finite check must come before any state is created).
+        create=False: gather the lists only if every tensor with a gradient has its state already; return
+        None at the first one that has none, creating none for it (the non-finite check must come before a
+        tensor's first state is created).
         """
         t: dict[str, list] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_vars", "steps",
                                                "var_starts", "anchors", "mb_sqs", "states")}
