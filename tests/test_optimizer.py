@@ -646,6 +646,18 @@ def test_sparse_gradients_give_a_clear_error(nonfinite):
 # ---------------------------------------------------------------------------------------------
 # 8. non-finite gradients
 # ---------------------------------------------------------------------------------------------
+def _assert_skipped_step_changes_nothing(opt, params):
+    """Step 2 on a non-finite gradient, a statistics request pending: one warning, parameters and state as they
+    were, the step counted as skipped, and the request carried over (nothing moved, nothing to measure)."""
+    snap = _snapshot(opt, params)
+    opt.request_stats()
+    with pytest.warns(RuntimeWarning, match=r"skipped step 2: non-finite gradient \(1 skipped so far"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    assert opt.snr_state["skipped_steps"] == 1 and opt.snr_state["steps"] == 1
+    assert opt.last_stats == {}
+
+
 def _nonfinite_setup(policy, foreach):
     params = _params([((4, 3), torch.float32), ((5,), torch.bfloat16)])
     opt = SNRAdamW(params, nonfinite=policy, foreach=foreach, warmup_steps=1)
@@ -660,14 +672,7 @@ def _nonfinite_setup(policy, foreach):
 def test_nonfinite_skip_leaves_everything_unchanged_and_counts(bad, foreach):
     params, opt = _nonfinite_setup("skip", foreach)
     params[1].grad[2] = bad
-    snap = _snapshot(opt, params)
-    opt.request_stats()
-    with pytest.warns(RuntimeWarning, match=r"skipped step 2: non-finite gradient \(1 skipped so far"):
-        opt.step()
-    _assert_unchanged(opt, params, snap)
-    assert opt.snr_state["skipped_steps"] == 1 and opt.snr_state["steps"] == 1
-    # nothing moved, so there is nothing to measure: the stats request carries over to the next step
-    assert opt.last_stats == {}
+    _assert_skipped_step_changes_nothing(opt, params)
     # training continues as if the bad batch had never come
     ref_params, ref_opt = _nonfinite_setup("skip", foreach)
     for ps in (params, ref_params):
