@@ -3,9 +3,17 @@
 The C source next to this file (``_snr_cpu.c``) is compiled at first use with the system C compiler
 (``$HF_SNR_CC``, default ``gcc``) into a cache folder (``$HF_SNR_CACHE``, default
 ``~/.cache/hf_snr``) and loaded with ctypes; no torch headers are involved (about a second). The
-file name carries a hash of the source, the compiler's version, the flags and the CPU (the
-``flags`` line of /proc/cpuinfo and ``platform.machine()``), so a changed machine recompiles, and
-it is written under a temporary name and renamed, so two processes starting at once are safe.
+file name, ``_snr_cpu-<key>-<sha256>.so``, carries a hash of the source, the compiler's version,
+the flags and the CPU (the ``flags`` line of /proc/cpuinfo and ``platform.machine()``), so a
+changed machine recompiles, and the sha256 of the file's own content (its manifest). It is built
+in a private subfolder and renamed into place, so two processes starting at once are safe.
+Before anything is loaded (dlopen runs a library's code), the cache folder must be a directory
+owned by this user and not writable by group or others (one created here gets mode 0700 whatever
+the umask), and the file a regular file, owned by this user, not writable by others, whose content
+hashes to the sha256 in its name. A folder or file that fails is refused with a RuntimeWarning
+(once per process) naming it and the reason, and the kernel is built again: in the cache folder
+when only the file was refused, else in a fresh private 0700 temporary folder (removed at exit);
+there is no shared fallback folder.
 When no compiler is found or the build or the load fails, :func:`available` is False and
 :func:`unavailable_reason` says why (the caller falls back to the torch implementation).
 
@@ -45,14 +53,17 @@ with q > 0.5, sum of u mu2, alpha * sum of u sig2.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from array import array
 from typing import Sequence
 
@@ -116,6 +127,8 @@ class NonFiniteGradient(ArithmeticError):
 # -- building and loading ------------------------------------------------------------------------
 _lock = threading.Lock()
 _state: dict = {}  # "lib", "reason", "path" once loaded (or failed)
+_warned: set = set()  # the refusals already reported by this process
+_NAME = "_snr_cpu-{key}-{digest}.so"
 
 
 def _cpu_id() -> str:
@@ -132,12 +145,183 @@ def _cpu_id() -> str:
 
 
 def _cache_dir() -> str:
-    d = os.environ.get("HF_SNR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_snr")
-    return d
+    return os.environ.get("HF_SNR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_snr")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _owner_mode_problem(st) -> str | None:
+    """Why a file or folder with this stat may not be trusted (None: it may): owned by someone else, or
+    writable by group or others."""
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        return f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _folder_problem(folder: str) -> str | None:
+    """Create ``folder`` if missing and say why it may not hold kernels (None: it may).
+
+    The folders created here (the leaf and any missing parent) get mode 0700 whatever the umask;
+    existing parents are not checked, only the leaf, which must be a directory owned by this user
+    and not writable by group or others.
+    """
+    missing, d = [], folder
+    while not os.path.lexists(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                continue  # made meanwhile (another process): vetted below like any existing folder
+            os.chmod(d, 0o700)  # mkdir's mode goes through the umask: set it explicitly
+        st = os.stat(folder)
+    except OSError as e:
+        return f"cannot be created or read ({e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    return _owner_mode_problem(st)
+
+
+def _sha256_fd(fd) -> str:
+    h = hashlib.sha256()
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+
+
+def _file_problem(path: str, digest: str) -> str | None:
+    """Why the library at ``path`` may not be loaded (None: it may): it must be a regular file (not a
+    link) owned by this user, not writable by group or others, whose sha256 is ``digest``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        return f"cannot be opened ({e})"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        problem = _owner_mode_problem(st)
+        if problem is not None:
+            return problem
+        actual = _sha256_fd(fd)
+    except OSError as e:
+        return f"cannot be read ({e})"
+    finally:
+        os.close(fd)
+    if actual != digest:
+        return f"does not match its manifest (sha256 {actual[:16]}..., its name records {digest[:16]}...)"
+    return None
+
+
+def _load_vetted(path: str, digest: str, errors: list):
+    """dlopen ``path`` only once :func:`_file_problem` passes. Returns (lib, None) or (None, problem).
+
+    The file is hashed by path, then loaded by path: nothing in between pins the content. What does
+    is the folder: the caller only passes a file in a folder this user owns and nobody else can
+    write (:func:`_folder_problem`), and the file itself is ours and not writable by others, so
+    nobody but this user (or root) can swap or rewrite it between the hash and the dlopen.
+    """
+    problem = _file_problem(path, digest)
+    if problem is not None:
+        return None, problem
+    return _open(path, errors), None
+
+
+def _cached(folder: str, key: str, errors: list):
+    """A vetted library for ``key`` in ``folder`` (lib, path), or (None, None). Files that fail the
+    check are reported (once per process) and removed (the folder is ours)."""
+    prefix = f"_snr_cpu-{key}-"
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".so"))
+    except OSError:
+        return None, None
+    for name in names:
+        path = os.path.join(folder, name)
+        digest = name[len(prefix):-3]
+        if len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest):
+            lib, problem = _load_vetted(path, digest, errors)
+            if lib is not None:
+                return lib, path
+            if problem is None:
+                continue  # our own file, but it does not load (see errors): built again below
+        else:
+            problem = "has no sha256 manifest in its name"
+        _warn_once(f"hf_snr: refusing the cached fused CPU kernel {path}: it {problem}; building it again")
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return None, None
+
+
+def _compile(exe: str, flags, key: str, folder: str, errors: list) -> str | None:
+    """Compile into ``folder``; returns the library's path, or None when these flags fail (see errors).
+    Raises OSError when the folder cannot be written.
+
+    Races: the compiler writes into a fresh 0700 subfolder nobody else can enter; the result is made
+    0600, hashed, and renamed (atomic) to ``_snr_cpu-<key>-<sha256>.so``: its manifest is its name,
+    so a file under its final name is complete and, unless tampered with, matches its name; there is
+    no separate manifest that a concurrent loader could see out of step with the file. Two
+    processes building at once rename identical bytes onto the same name (the build is
+    deterministic); if it were not, each file still matches its own name and either may be loaded.
+    """
+    work = tempfile.mkdtemp(prefix=".build-", dir=folder)
+    try:
+        os.chmod(work, 0o700)
+        tmp = os.path.join(work, "_snr_cpu.so")
+        what = f"{os.path.basename(exe)} {' '.join(flags)}"
+        try:
+            res = subprocess.run([exe, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{what}: {e}")
+            return None
+        if res.returncode != 0 or not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
+            errors.append(f"{what}: {res.stderr.strip()[-400:] or 'no output'}")
+            return None
+        os.chmod(tmp, 0o600)  # the linker creates it under the umask
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            digest = _sha256_fd(fd)
+        finally:
+            os.close(fd)
+        path = os.path.join(folder, _NAME.format(key=key, digest=digest))
+        os.replace(tmp, path)  # atomic: a concurrent loader sees no file or a complete one
+        return path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _private_folder() -> str:
+    """A fresh 0700 folder for this process's build (removed when it exits)."""
+    folder = tempfile.mkdtemp(prefix="hf_snr-")
+    os.chmod(folder, 0o700)
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(folder, ignore_errors=True))
+    return folder
 
 
 def _build(cc: str | None = None, cache_dir: str | None = None):
-    """Compile (if not cached) and load the kernel. Returns (lib, path, None) or (None, None, reason)."""
+    """Compile (if not cached) and load the kernel. Returns (lib, path, None) or (None, None, reason).
+
+    The cache folder is used only when :func:`_folder_problem` passes, a cached file only when
+    :func:`_file_problem` passes; otherwise a warning says why (once per process) and the kernel
+    is built again: in the cache folder when only the file was refused, else in a private
+    temporary folder (:func:`_private_folder`). There is no shared fallback folder.
+    """
     cc = cc or os.environ.get("HF_SNR_CC") or "gcc"
     exe = shutil.which(cc)
     if exe is None:
@@ -154,49 +338,51 @@ def _build(cc: str | None = None, cache_dir: str | None = None):
             return None, None, f"{exe} --version failed: {ver.stderr.strip()[:200]}"
     except (OSError, subprocess.SubprocessError) as e:
         return None, None, f"cannot run {exe}: {e}"
-    cache_dir = cache_dir or _cache_dir()
-    errors = []
+    cache_dir = os.path.abspath(cache_dir or _cache_dir())
+    folder: str | None = cache_dir  # None: the cache is not used, build in a private folder
+    problem = _folder_problem(cache_dir)
+    if problem is not None:
+        _warn_once(f"hf_snr: not using the kernel cache folder {cache_dir}: it {problem}; building the fused "
+                   "CPU kernel in a private temporary folder instead")
+        folder = None
+    private = None
+    errors: list = []
     for extra in _FLAG_SETS:
         flags = _BASE_FLAGS + extra
         key = hashlib.sha256(b"\0".join([
             source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(), str(_ABI).encode(),
         ])).hexdigest()[:24]
-        for folder in (cache_dir, os.path.join(tempfile.gettempdir(), f"hf_snr-{os.getuid()}")):
-            path = os.path.join(folder, f"_snr_cpu-{key}.so")
-            if os.path.exists(path):
-                lib = _open(path, errors)
-                if lib is not None:
-                    return lib, path, None
-                # a broken cached file: build it again (another process may have replaced it already)
-            try:
-                os.makedirs(folder, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
-                os.close(fd)
-            except OSError as e:
-                errors.append(f"cache folder {folder}: {e}")
-                continue  # an unwritable folder: try the next one
-            what = f"{os.path.basename(exe)} {' '.join(flags)}"
-            try:
-                res = subprocess.run([exe, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True,
-                                     timeout=300)
-                if res.returncode != 0 or os.path.getsize(tmp) == 0:
-                    errors.append(f"{what}: {res.stderr.strip()[-400:] or 'no output'}")
-                    break  # these flags fail in any folder
-                os.replace(tmp, path)  # atomic: a concurrent loader sees the old file or the new one
-            except (OSError, subprocess.SubprocessError) as e:
-                errors.append(f"{what}: {e}")
-                break
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            lib = _open(path, errors)
+        if folder is not None:
+            lib, path = _cached(folder, key, errors)
             if lib is not None:
                 return lib, path, None
+        while True:
+            try:
+                if folder is None and private is None:
+                    private = _private_folder()
+                path = _compile(exe, flags, key, folder or private, errors)
+            except OSError as e:
+                if folder is None:
+                    return None, None, f"building the fused CPU kernel failed: private folder: {e}"
+                _warn_once(f"hf_snr: cannot write the kernel cache folder {folder} ({e}); building the fused "
+                           "CPU kernel in a private temporary folder instead")
+                folder = None
+                continue
             break
+        if path is None:
+            continue  # these flags fail in any folder: try the next set
+        digest = os.path.basename(path)[:-3].rpartition("-")[2]  # the sha256 _compile put in the name
+        lib, problem = _load_vetted(path, digest, errors)
+        if problem is not None:
+            errors.append(f"{path} {problem}")
+        if lib is not None:
+            return lib, path, None
     return None, None, "building the fused CPU kernel failed: " + " | ".join(errors)
 
 
 def _open(path, errors):
+    # Only called on a file _load_vetted vouched for: dlopen runs the library's constructors, so the
+    # ABI check below is a sanity check of our own build, not a defence.
     try:
         lib = ctypes.CDLL(path)
         if lib.snr_abi() != _ABI:
@@ -222,10 +408,12 @@ def _load():
 
 
 def _reset() -> None:
-    """Forget the loaded library (tests: re-read HF_SNR_CC / HF_SNR_CACHE on the next call)."""
+    """Forget the loaded library and the warnings given (tests: a new process, re-reading HF_SNR_CC /
+    HF_SNR_CACHE on the next call)."""
     with _lock:
         _state.clear()
         _plans.clear()
+        _warned.clear()
 
 
 def available() -> bool:
