@@ -21,7 +21,13 @@ VARIANCES = {"ema": 0, "microbatch": 1}
 
 
 def mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softness: float, c: float):
-    """q in [0, 1] from mu^2 and sigma^2 (tensors or sums). No eps: only 0/0 is guarded."""
+    """q in [0, 1] from mu^2 and sigma^2 (tensors or sums). No eps: only 0/0 is guarded.
+
+    mu^2 and sigma^2 are clamped to fp32's largest value first: a huge but finite gradient squares to inf,
+    and inf / (inf + inf) or 0 * inf would make q (and the parameter) nan. The clamp is an identity on
+    finite values and keeps nan.
+    """
+    mu2, sig2 = mu2.clamp_max(FP32_MAX), sig2.clamp_max(FP32_MAX)
     if kind == "snr":
         return mu2 / (mu2 + c * sig2).clamp_min(TINY)
     if kind == "soft":

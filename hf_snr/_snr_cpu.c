@@ -114,6 +114,9 @@ static inline float lerp_(float start, float end, float w)
 }
 
 static inline float clamp_min(float x, float lo) { return x < lo ? lo : x; } /* NaN stays NaN */
+/* mu^2 and sigma^2 of a finite but huge gradient overflow to inf, and the gate's inf / (inf + inf) or
+ * 0 * inf would be nan: both are clamped to fp32's largest value (an identity on finite values; NaN stays). */
+static inline float finite_(float x) { return x > FLT_MAX ? FLT_MAX : x; }
 
 /* ---- per-range accumulators ---- */
 typedef struct {
@@ -267,10 +270,10 @@ static void run_block(const snr_args *A, int64_t k, int64_t off, int n, float qr
     for (int i = 0; i < n; i++) mh[i] = M[i] / bc1;
     if (need_musig) {
         if (A->signal == 0)
-            for (int i = 0; i < n; i++) mu2[i] = mh[i] * mh[i];
+            for (int i = 0; i < n; i++) mu2[i] = finite_(mh[i] * mh[i]);
         else
-            for (int i = 0; i < n; i++) mu2[i] = G[i] * G[i];
-        for (int i = 0; i < n; i++) sig2[i] = (S[i] / bcr) * ns;
+            for (int i = 0; i < n; i++) mu2[i] = finite_(G[i] * G[i]);
+        for (int i = 0; i < n; i++) sig2[i] = finite_((S[i] / bcr) * ns);
     }
     if (pass == PASS_MOMENTS) {
         if (rs) {

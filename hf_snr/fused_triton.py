@@ -217,6 +217,9 @@ def _define_kernels():
             else:
                 mu2 = g * g
             sig2 = tl.div_rn(s, bcr) * ns
+            # a huge finite gradient overflows mu2 / sig2 to inf: clamped to fp32's max, as the CPU kernel
+            mu2 = tl.where(mu2 > 3.4028234663852886e38, 3.4028234663852886e38, mu2)
+            sig2 = tl.where(sig2 > 3.4028234663852886e38, 3.4028234663852886e38, sig2)
         else:
             mu2 = tl.zeros([BLOCK], tl.float32)
             sig2 = tl.zeros([BLOCK], tl.float32)

@@ -63,8 +63,8 @@ except Exception:  # pragma: no cover
     Shard = None
 
 from ._fused_common import mask as _mask  # the gate formula, shared with the fused kernels' gate()
-from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, REDUCTIONS,
-                      validate_hparams, validate_value)
+from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, OPTIONS,
+                      REDUCTIONS, validate_hparams, validate_value)
 
 logger = logging.getLogger("hf_snr")
 
@@ -164,6 +164,9 @@ class SNRAdamW(Optimizer):
             warning is issued); ``"raise"``: RuntimeError before anything changes; ``"propagate"``:
             no check, as torch's AdamW (the nan reaches parameters and state). The check costs one
             read of the gradients and one host sync per step; "propagate" avoids both.
+        max_consecutive_skips (int): with ``nonfinite="skip"``, a RuntimeError once more than this many
+            steps in a row were skipped (default 20; 0: no limit). Skip warnings are rate-limited (at 1, 2,
+            4, ... skipped steps) and name the optimizer step; :attr:`skipped_steps` counts them.
         process_group: the process group whose ranks hold *disjoint* shards of the parameters
             (DeepSpeed ZeRO's data-parallel group). Statistics are summed over it. Leave None under
             DDP (replicas: nothing to sum) and under FSDP2 (the shard group is read from DTensors).
@@ -204,6 +207,7 @@ class SNRAdamW(Optimizer):
         fused: bool = D["fused"],
         state_dtype: str = D["state_dtype"],
         nonfinite: str = D["nonfinite"],
+        max_consecutive_skips: int = D["max_consecutive_skips"],
         process_group: Any = None,
     ):
         defaults = dict(
@@ -214,8 +218,9 @@ class SNRAdamW(Optimizer):
         )
         assert defaults.keys() == GROUP_DEFAULTS.keys()
         validate_hparams(defaults)
-        validate_value("nonfinite", nonfinite)
-        self.nonfinite = nonfinite
+        self.nonfinite = validate_value("nonfinite", nonfinite)
+        self.max_consecutive_skips = validate_value("max_consecutive_skips", max_consecutive_skips)
+        self.last_step_skipped = False  # whether the latest step() call skipped its step (non-finite gradient)
         self.process_group = process_group
         # variance="microbatch": the data-parallel group whose ranks' micro-batch gradients are pooled
         # ("auto": the default group when torch.distributed runs and the parameters are not sharded)
@@ -226,7 +231,8 @@ class SNRAdamW(Optimizer):
         self._stats_step: int | None = None
         self._pending: torch.Tensor | None = None
         self._last_stats: dict[str, float] = {}
-        self.snr_state = {"steps": 0, "skipped_steps": 0, "cumulative_noise": 0.0, "last_stats_step": 0}
+        self.snr_state = {"steps": 0, "skipped_steps": 0, "consecutive_skips": 0, "cumulative_noise": 0.0,
+                          "last_stats_step": 0}
         self._anchors: dict[torch.Tensor, torch.Tensor] = {}       # decay_to="init": p -> tensor holding p0
         self._mb_sq: dict[torch.Tensor, torch.Tensor] = {}         # variance="microbatch": p -> sum of squares
         self._mb_count: dict[torch.Tensor, int] = {}               # ... and the number of contributions seen
@@ -234,18 +240,39 @@ class SNRAdamW(Optimizer):
         self.last_microbatch_count: int | None = None              # K of the latest micro-batch step
         self._fused_fallback_warned = False
         self._device_skips: torch.Tensor | None = None  # steps skipped on the device (CUDA fused), read lazily
+        self._device_run: torch.Tensor | None = None    # ... of which the latest in a row
+        self._device_attempts = 0                       # steps decided on the device since the last read
         super().__init__(params, defaults)
 
     # -- parameter groups ---------------------------------------------------------------------
+    # keys a parameter group may hold besides the options: torch's own, and what LR schedulers add
+    _GROUP_EXTRA_KEYS = ("params", "param_names", "initial_lr", "_numels")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        where = f"parameter group {len(self.param_groups)}"
+        unknown = [k for k in param_group if k not in self.defaults and k not in self._GROUP_EXTRA_KEYS]
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, list(self.defaults), 1))
+                     else repr(k) for k in unknown]
+            raise ValueError(f"SNRAdamW: unknown key(s) {', '.join(hints)} in {where} (accepted: params, "
+                             f"{', '.join(self.defaults)})")
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
-        where = f"parameter group {len(self.param_groups)}"
         validate_hparams(param_group, where=where)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor):
+                if id(p) in seen:
+                    raise ValueError(f"SNRAdamW: parameter {i} of {where} (shape {tuple(p.shape)}) is listed twice; "
+                                     "it would take two steps per step. Pass each parameter once.")
+                seen.add(id(p))
+        param_group["params"] = params
         for p in params:
             if isinstance(p, torch.Tensor) and torch.is_complex(p):
                 raise ValueError(
@@ -261,11 +288,40 @@ class SNRAdamW(Optimizer):
             for p in param_group["params"]:
                 self._watch_microbatches(p)
 
+    # Not carried by copy.deepcopy / pickle: hook handles (re-registered on the copy's parameters) and process
+    # groups (not copyable: set process_group / microbatch_group on the copy; a warning says so).
+    _UNCOPIED = ("_mb_hooks", "process_group", "microbatch_group")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # defaults, state, param_groups
+        state.update({k: v for k, v in self.__dict__.items() if k not in state and k not in self._UNCOPIED
+                      and not k.startswith("_optimizer_")})  # (torch's hook dicts: re-created empty)
+        state["_had_process_group"] = self.__dict__.get("process_group") is not None or \
+            self.__dict__.get("microbatch_group") not in ("auto", None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        had_group = state.pop("_had_process_group", False)
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in self.defaults.items():
+            for key, value in GROUP_DEFAULTS.items():  # (not torch's "differentiable" default: it is not ours)
                 group.setdefault(key, value)
+        self.__dict__.setdefault("nonfinite", D["nonfinite"])
+        self.__dict__.setdefault("max_consecutive_skips", D["max_consecutive_skips"])
+        if "_mb_hooks" in self.__dict__:
+            return  # torch's own load_state_dict calls __setstate__ on a live optimizer
+        self.process_group = None
+        self.microbatch_group = "auto"
+        self._mb_hooks = {}
+        for group in self.param_groups:  # a copy (deepcopy / unpickling): hooks on the copy's own parameters
+            if group["variance"] == "microbatch":
+                for p in group["params"]:
+                    self._watch_microbatches(p)
+        if had_group:
+            warnings.warn("SNRAdamW: a copied or unpickled optimizer does not carry process groups; set "
+                          "process_group / microbatch_group on the copy before stepping it in a distributed run",
+                          RuntimeWarning, stacklevel=2)
 
     # -- decay anchors and micro-batch gradients ------------------------------------------------
     def set_decay_anchors(self, anchors: dict[torch.Tensor, torch.Tensor]) -> None:
@@ -391,8 +447,11 @@ class SNRAdamW(Optimizer):
         self.last_stats  # fold pending statistics into snr_state (cumulative noise) before saving
         self._read_device_skips()  # and the steps skipped on the device into the step counts
         sd = super().state_dict()
-        if any("device_skips" in st for st in sd["state"].values()):  # (zeros now; not part of the checkpoint)
-            sd["state"] = {k: {n: v for n, v in st.items() if n != "device_skips"} for k, st in sd["state"].items()}
+        if any(isinstance(st, dict) and "device_skips" in st for st in sd["state"].values()):
+            # (zeros now; not part of the checkpoint). Entries that are not dicts (a user's state_dict pre-hook may
+            # add them) pass through as they are.
+            sd["state"] = {k: {n: v for n, v in st.items() if n != "device_skips"} if isinstance(st, dict) else st
+                           for k, st in sd["state"].items()}
         for g in sd["param_groups"]:
             g.pop("_numels", None)
         sd["snr_state"] = dict(self.snr_state)
@@ -401,6 +460,16 @@ class SNRAdamW(Optimizer):
     _ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by SNRAdamW (or by ``torch.optim.AdamW``: see the class docstring).
+
+        The state is checked before anything is loaded, and refused with the tensor's place and the reason:
+        every floating tensor finite, ``exp_avg_sq`` / ``exp_var`` >= 0, every tensor of its parameter's shape,
+        ``step`` a finite count >= 0 (a Python number, as older checkpoints hold, is made a tensor).
+
+        Resume rule: the SNR options this optimizer was built with (the ``optim_args`` of this run: mask,
+        softness, alpha, ..., snr) win over the checkpoint's; AdamW's own (lr, betas, eps, weight_decay) are
+        the checkpoint's, as in torch. One log line names every option that differs, and which value is used.
+        """
         state_dict = dict(state_dict)
         snr_state = state_dict.pop("snr_state", None)
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
@@ -414,6 +483,8 @@ class SNRAdamW(Optimizer):
             if i < len(self.param_groups):  # keep this optimizer's SNR settings (the user switched optimizers)
                 for key in GROUP_DEFAULTS:
                     saved_groups[i].setdefault(key, self.param_groups[i][key])
+        self._check_loaded_state(saved_groups, saved_state)
+        self._apply_resume_rule(saved_groups, foreign)
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype on load; ours has its own dtypes by design (fp32
@@ -422,13 +493,16 @@ class SNRAdamW(Optimizer):
         for saved_group, group in zip(saved_groups, self.param_groups):
             group["_numels"] = [p.numel() for p in group["params"]]
             for idx, p in zip(saved_group["params"], group["params"]):
-                if idx not in saved_state:
+                if not isinstance(saved_state.get(idx), dict):
                     continue
                 for key, value in saved_state[idx].items():
                     if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
                 state = self.state[p]
                 state.pop("max_exp_avg_sq", None)
+                for key in ("step", "exp_var_start"):  # an older checkpoint's Python numbers: tensors, as torch's AdamW
+                    if key in state and not isinstance(state[key], torch.Tensor):
+                        state[key] = torch.tensor(float(state[key]), dtype=torch.float32)
                 if isinstance(state.get("step"), torch.Tensor) and state["step"].device.type != "cpu":
                     # torch puts a fused group's step on the parameter's device; ours is read on the host
                     # every step (the bias corrections), so it stays on the CPU: no sync per tensor per step
@@ -438,13 +512,86 @@ class SNRAdamW(Optimizer):
                     state["exp_var"] = torch.zeros_like(state["exp_avg"], dtype=torch.float32)
                     state["exp_var_start"] = state["step"].detach().clone().float().cpu()
                     fresh += 1
+                want = _STATE_DTYPES[group["state_dtype"]]  # this run's state_dtype (the resume rule)
+                if "exp_var" in state and state["exp_var"].dtype != want:
+                    state["exp_var"] = state["exp_var"].to(want)
+                if group["decay_to"] != "init":
+                    state.pop("param_init", None)
         if fresh:
             logger.warning(
                 "hf_snr: SNRAdamW loaded an optimizer state without exp_var (an AdamW checkpoint?) for %d parameter "
                 "tensors: exp_avg, exp_avg_sq and step carried over; exp_var starts at zero and the gate stays open "
                 "for its first warmup_steps steps from here.", fresh)
         if snr_state is not None:
-            self.snr_state = dict(snr_state)
+            self.snr_state = {"consecutive_skips": 0, **snr_state}
+
+    # the options whose value in this run wins over the checkpoint's on resume (the optim_args knobs, and snr=)
+    _RESUME_OWN = tuple(k for k in GROUP_DEFAULTS if OPTIONS[k].convert is not None) + ("snr",)
+    _RESUME_CHECKPOINT = ("betas", "eps", "weight_decay")  # AdamW's own: the checkpoint's (lr: the scheduler's)
+
+    def _apply_resume_rule(self, saved_groups: list[dict[str, Any]], foreign: list[int]) -> None:
+        """This run's SNR options replace the checkpoint's in ``saved_groups``; one log line names the differences."""
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict refuses it
+        notes = []
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if i in foreign:
+                continue
+            where = f"group {i} " if len(saved_groups) > 1 else ""
+            for key in self._RESUME_OWN:
+                if key in saved and saved[key] != group[key] and not (key == "alpha" and getattr(self, "alpha_auto", 0)):
+                    notes.append(f"{where}{key}: checkpoint {saved[key]!r}, this run {group[key]!r} (used)")
+                saved[key] = group[key]
+            for key in self._RESUME_CHECKPOINT:
+                if key in saved and _differs(saved[key], group[key]):
+                    notes.append(f"{where}{key}: checkpoint {saved[key]!r} (used, as torch does), this run {group[key]!r}")
+        if notes:
+            logger.warning("hf_snr: resuming with options that differ from the checkpoint's: %s", "; ".join(notes))
+            if any("decay_to" in n for n in notes):
+                logger.warning("hf_snr: decay_to changed on resume: decay_to='init' anchors on the weights at the "
+                               "next step (or on set_decay_anchors), not on the ones the run started from")
+
+    def _check_loaded_state(self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]) -> None:
+        """Refuse (ValueError, nothing loaded) a state with non-finite values, negative second moments or wrong shapes."""
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict refuses it, with its own message
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                return
+            for pi, (idx, p) in enumerate(zip(saved["params"], group["params"])):
+                st = saved_state.get(idx)
+                if not isinstance(st, dict):
+                    continue
+                where = (f"SNRAdamW.load_state_dict: refusing the saved state of parameter {pi} of group {gi} "
+                         f"(shape {tuple(p.shape)}; state key {idx!r})")
+                for key, value in st.items():
+                    if key in ("step", "exp_var_start"):
+                        try:
+                            n = float(value.item() if isinstance(value, torch.Tensor) else value)
+                        except (TypeError, ValueError, RuntimeError):
+                            raise ValueError(f"{where}: {key} must be a number or a one-element tensor, got "
+                                             f"{value!r}") from None
+                        if not (math.isfinite(n) and n >= 0):
+                            raise ValueError(f"{where}: {key} = {n!r} (accepted: a finite count >= 0)")
+                        continue
+                    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or key == "device_skips":
+                        continue
+                    same_kind = (DTensor is not None) and (isinstance(value, DTensor) == isinstance(p, DTensor))
+                    expected = p.shape if same_kind or DTensor is None else _local(p).shape
+                    if value.shape != expected:
+                        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the parameter "
+                                         f"{tuple(expected)} (a checkpoint of another model or layout?)")
+                    local = _local(value)
+                    bad = int((~torch.isfinite(local)).sum())
+                    if bad:
+                        raise ValueError(f"{where}: {key} holds {bad} nan/inf value(s) of {local.numel()} (a corrupt "
+                                         "checkpoint, e.g. saved after a non-finite step with nonfinite='propagate'); "
+                                         "resume from an earlier checkpoint")
+                    if key in ("exp_avg_sq", "exp_var", "max_exp_avg_sq"):
+                        neg = int((local < 0).sum())
+                        if neg:
+                            raise ValueError(f"{where}: {key} holds {neg} negative value(s) (a second moment is "
+                                             ">= 0: a corrupt checkpoint)")
 
     # -- the step -----------------------------------------------------------------------------
     def _init_group(self, group: dict[str, Any], create: bool = True) -> dict[str, list] | None:
@@ -571,6 +718,8 @@ class SNRAdamW(Optimizer):
         if group is not None:
             flag = _all_reduce(flag, group, op="max")
         self._device_skips = flag if self._device_skips is None else self._device_skips + flag
+        self._device_run = flag if self._device_run is None else self._device_run * flag + flag  # skips in a row
+        self._device_attempts += 1
         return flag
 
     def _reset_microbatches(self) -> None:
@@ -581,20 +730,50 @@ class SNRAdamW(Optimizer):
 
     def _nonfinite_step(self, loss):
         """A step with a non-finite gradient, nothing updated: raise (nonfinite="raise") or count and warn."""
+        st = self.snr_state
+        attempt = st["steps"] + st["skipped_steps"] + 1  # the optimizer step this call was (the Trainer's global step)
         if self.nonfinite == "raise":
             raise RuntimeError(
-                f"SNRAdamW: non-finite (inf/nan) gradient at optimizer step {self.snr_state['steps'] + 1}; "
+                f"SNRAdamW: non-finite (inf/nan) gradient at optimizer step {attempt}; "
                 "nothing was updated (nonfinite='raise')"
             )
-        self.snr_state["skipped_steps"] += 1
+        st["skipped_steps"] += 1
+        st["consecutive_skips"] = st.get("consecutive_skips", 0) + 1
+        self.last_step_skipped = True
         self._reset_microbatches()  # the skipped step's micro-batches do not count toward the next
-        warnings.warn(
-            f"SNRAdamW skipped step {self.snr_state['steps'] + 1}: non-finite gradient "
-            f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return loss  # a pending stats request carries over to the next step that happens
+        if self._stats_requested:
+            # the statistics asked for this step do not exist: no stale values in its log row. The request carries
+            # over to the next step that is taken.
+            self.last_stats  # (finalize an older requested step first)
+            self._last_stats = {}
+        self._check_consecutive_skips(attempt)
+        n = st["skipped_steps"]
+        if n & (n - 1) == 0:  # rate-limited: at 1, 2, 4, 8, ... skipped steps
+            warnings.warn(
+                f"SNRAdamW skipped step {attempt}: non-finite gradient ({n} skipped so far, "
+                f"{st['consecutive_skips']} in a row; nonfinite='skip'). Further skips are warned at 2^k skipped "
+                "steps; the count is logged as snr/skipped_steps.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return loss
+
+    def _check_consecutive_skips(self, attempt: int) -> None:
+        limit, run = self.max_consecutive_skips, self.snr_state.get("consecutive_skips", 0)
+        if limit and run > limit:
+            raise RuntimeError(
+                f"SNRAdamW: {run} optimizer steps in a row had a non-finite gradient (up to step {attempt}); "
+                f"nonfinite='skip' skipped them all, leaving parameters and state as they were at step "
+                f"{attempt - run}, and max_consecutive_skips={limit} stops the run here instead of letting it burn "
+                "its budget. Look for the cause (learning rate, loss scale, a corrupt batch or checkpoint); "
+                "max_consecutive_skips=0 removes the limit."
+            )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for a non-finite gradient (device skips folded in: a host sync if any)."""
+        self._read_device_skips()
+        return int(self.snr_state["skipped_steps"])
 
     def _prepare_existing(self):
         """(group, tensors, implementation) of every group with gradients, or None when a tensor has no state yet.
@@ -724,6 +903,9 @@ class SNRAdamW(Optimizer):
             return self._nonfinite_step(loss)
 
         self.snr_state["steps"] = max(self.snr_state["steps"], step_now)
+        if found_inf is None:  # (on the device path the skip is known only when the counters are read)
+            self.snr_state["consecutive_skips"] = 0
+            self.last_step_skipped = False
         return loss
 
     def _read_device_skips(self) -> int:
@@ -734,7 +916,13 @@ class SNRAdamW(Optimizer):
         """
         if self._device_skips is None:
             return 0
+        attempts, self._device_attempts = self._device_attempts, 0
         skipped, self._device_skips = int(self._device_skips.item()), None
+        run, self._device_run = int(self._device_run.item()), None
+        snr = self.snr_state
+        if attempts:
+            snr["consecutive_skips"] = snr.get("consecutive_skips", 0) + skipped if skipped == attempts else run
+            self.last_step_skipped = run > 0
         if not skipped:
             return 0
         states = [st for st in self.state.values() if "device_skips" in st]
@@ -747,8 +935,10 @@ class SNRAdamW(Optimizer):
         if self._stats_step is not None:
             self._stats_step -= skipped
         self.snr_state["skipped_steps"] += skipped
-        warnings.warn(f"SNRAdamW skipped {skipped} step(s) on the device: non-finite gradient "
-                      f"({self.snr_state['skipped_steps']} skipped so far; nonfinite='skip')", RuntimeWarning)
+        warnings.warn(f"SNRAdamW skipped {skipped} of the last {attempts} optimizer step(s) on the device: non-finite "
+                      f"gradient ({snr['skipped_steps']} skipped so far, the last "
+                      f"{snr['consecutive_skips']} in a row; nonfinite='skip')", RuntimeWarning)
+        self._check_consecutive_skips(snr["steps"] + snr["skipped_steps"])
         return skipped
 
     def _finish_stats(self, total: torch.Tensor, steps: int) -> dict[str, float]:
@@ -771,6 +961,15 @@ class SNRAdamW(Optimizer):
             "cumulative_noise": self.snr_state["cumulative_noise"],
             "skipped_steps": float(self.snr_state["skipped_steps"]),
         }
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two option values differ (tuples and lists alike; a tensor lr by value)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return float(a) != float(b)
+    return a != b
 
 
 def _cpu_kernel_ready() -> bool:
@@ -830,6 +1029,12 @@ def _row_view(x: torch.Tensor, reduction: str) -> torch.Tensor:
     return x.reshape(1, x.numel())
 
 
+def _row_sums(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row sums of fp32 x, accumulated in float64 as the fused kernels do (so every path reaches the same
+    gate decision where the sums of mu^2 and sigma^2 nearly tie, e.g. at t = 1 where they are equal)."""
+    return _row_view(x, reduction).sum(1, dtype=torch.float64)
+
+
 def _q_shape(x: torch.Tensor, reduction: str) -> tuple[int, ...]:
     if reduction == "row" and x.dim() >= 2:
         return (x.shape[0],) + (1,) * (x.dim() - 1)
@@ -865,10 +1070,10 @@ class _single_tensor:
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             if reduced:
                 k = _scalars(group, t["steps"][i].item(), t["var_starts"][i])
-                mu2 = (m / k["bc1"]).square() if group["signal"] == "ema" else g.square()
-                sig2 = s / k["bcr"] * k["noise_scale"]
-                sums.append(torch.stack([_row_view(mu2, group["reduction"]).sum(1),
-                                         _row_view(sig2, group["reduction"]).sum(1)], dim=1).double())
+                mu2 = ((m / k["bc1"]).square() if group["signal"] == "ema" else g.square()).clamp_max_(_FP32_MAX)
+                sig2 = (s / k["bcr"] * k["noise_scale"]).clamp_max_(_FP32_MAX)
+                sums.append(torch.stack([_row_sums(mu2, group["reduction"]),
+                                         _row_sums(sig2, group["reduction"])], dim=1))
         return {"sums": sums if reduced else None}
 
     @staticmethod
@@ -882,7 +1087,8 @@ class _single_tensor:
             k = _scalars(group, t["steps"][i].item(), t["var_starts"][i])
             m_hat = m / k["bc1"]
             mu2 = m_hat.square() if group["signal"] == "ema" else _local(t["grads"][i]).float().square()
-            sig2 = s / k["bcr"] * k["noise_scale"]
+            mu2 = mu2.clamp_max_(_FP32_MAX)             # a huge finite gradient: inf^2 would make q nan
+            sig2 = (s / k["bcr"] * k["noise_scale"]).clamp_max_(_FP32_MAX)
             if k["open"]:
                 q = torch.ones_like(m)
             elif group["reduction"] in ("tensor", "row"):
@@ -1022,9 +1228,11 @@ class _multi_tensor:
                     mu2 = [x[1][_G].float().square() for x in block]
                 sig2 = torch._foreach_div([x[1][_S].float() for x in block], [scal[i]["bcr"] for i in idx])
                 torch._foreach_mul_(sig2, [scal[i]["noise_scale"] for i in idx])
+                torch._foreach_clamp_max_(mu2, _FP32_MAX)
+                torch._foreach_clamp_max_(sig2, _FP32_MAX)
                 for i, a, b in zip(idx, mu2, sig2):
                     red = group["reduction"]
-                    sums[i] = torch.stack([_row_view(a, red).sum(1), _row_view(b, red).sum(1)], dim=1).double()
+                    sums[i] = torch.stack([_row_sums(a, red), _row_sums(b, red)], dim=1)
             ctx["sums"] = sums
             ctx["moments_done"] = True
         return ctx
@@ -1061,6 +1269,8 @@ class _multi_tensor:
                 sig2 = torch._foreach_div(s, [scal[i]["bcr"] for i in idx])
                 if group["noise"] == "ema":
                     torch._foreach_mul_(sig2, [scal[i]["noise_scale"] for i in idx])
+                torch._foreach_clamp_max_(mu2, _FP32_MAX)  # a huge finite gradient: inf^2 would make q nan
+                torch._foreach_clamp_max_(sig2, _FP32_MAX)
             if gated:
                 if reduced_q is not None:
                     q = [reduced_q[i].reshape(_q_shape(x, red)).expand_as(x) for i, x in zip(idx, m)]

@@ -37,6 +37,8 @@ STATE_DTYPES = ("float32", "bfloat16")
 # uncorrected m, not gradient noise, until m has warmed up: that takes about 1 / (1 - beta1) = 10
 # steps at the default beta1 = 0.9. The gate stays open (q = 1, plain AdamW) for those steps.
 DEFAULT_WARMUP_STEPS = 10
+# nonfinite="skip": a few isolated non-finite steps are normal (a bad batch); this many in a row is a broken run
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
 
 
 class OptionError(ValueError):
@@ -83,9 +85,11 @@ def _to_int(value: Any) -> int:
 
 
 def _to_str(value: Any) -> str:
+    """A choice word. Case rule, for every option: words are case-insensitive ('SNR', 'Auto', 'TRUE'), in
+    optim_args strings and in Python keywords alike (:func:`normalize`); regular expressions keep their case."""
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
-    return value.strip()
+    return value.strip().lower()
 
 
 def _to_regex(value: Any) -> str | None:
@@ -191,6 +195,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _opt("nonfinite", "str", "skip", f"one of {', '.join(NONFINITE_POLICIES)}", _one_of(NONFINITE_POLICIES),
          "what a nan/inf gradient does: skip the whole step (counted, warned), raise, or propagate as AdamW",
          _to_str, per_group=False),
+    _opt("max_consecutive_skips", "int", DEFAULT_MAX_CONSECUTIVE_SKIPS, "an integer >= 0 (0: no limit)",
+         lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+         "with nonfinite=skip, the run stops with an error once more than this many steps in a row were skipped "
+         "(a run whose every step is non-finite would otherwise burn its budget and save untrained weights)",
+         _to_int, per_group=False),
     # integration only (the factory, not the optimizer)
     _opt("exclude", "regex", None, "a regular expression (no commas; use | for alternatives)",
          lambda x: x is None or isinstance(x, str),
@@ -210,13 +219,35 @@ def _message(opt: Option, value: Any) -> str:
     return f"Invalid {label}: {value!r} (accepted: {opt.accepted})"
 
 
+def normalize(name: str, value: Any) -> Any:
+    """The case rule of every option: a word (a choice, 'auto', a boolean word) is case-insensitive; a word
+    option given as a string is stripped and lower-cased, anything else is returned as it is."""
+    opt = OPTIONS.get(name)
+    if opt is not None and opt.convert in (_to_str, _to_alpha) and isinstance(value, str):
+        return value.strip().lower()
+    return value
+
+
+def _auto_outside_trainer(name: str, value: Any, loc: str) -> None:
+    if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
+        raise OptionError(
+            f"alpha='auto'{loc} needs the Trainer: it is resolved at train start from the data set size, the "
+            "effective batch and the number of epochs (optim='snr_adamw' with optim_args='alpha=auto', or "
+            "snr_optimizer_cls_and_kwargs). Outside a Trainer pass a number, e.g. "
+            "hf_snr.options.finite_data_alpha(n_examples, effective_batch, epochs)[0]."
+        )
+
+
 def validate_hparams(hp: dict[str, Any], where: str = "") -> None:
-    """Check every per-group option present in ``hp``; the message names the bad value and the accepted range."""
+    """Check every per-group option present in ``hp``; the message names the bad value and the accepted range.
+
+    Word values are normalized in place (:func:`normalize`: ``mask="SNR"`` becomes ``"snr"``)."""
     loc = f" in {where}" if where else ""
     for name, opt in OPTIONS.items():
         if not opt.per_group or name not in hp:
             continue
-        value = hp[name]
+        value = hp[name] = normalize(name, hp[name])
+        _auto_outside_trainer(name, value, loc)
         if name == "lr" and hasattr(value, "numel") and value.numel() != 1:
             raise OptionError(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(value.shape)}{loc}")
         if name == "betas" and isinstance(value, (tuple, list)) and len(value) == 2:
@@ -242,10 +273,13 @@ def check_combination(hp: dict[str, Any], where: str = "") -> None:
         )
 
 
-def validate_value(name: str, value: Any) -> None:
+def validate_value(name: str, value: Any) -> Any:
+    """Check one option's value; returns it normalized (:func:`normalize`)."""
     opt = OPTIONS[name]
+    value = normalize(name, value)
     if not opt.check(value):
         raise OptionError(_message(opt, value))
+    return value
 
 
 def accepted_options() -> str:
@@ -293,6 +327,7 @@ class SNROptions:
     decay_to: str = DEFAULTS["decay_to"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
     nonfinite: str = DEFAULTS["nonfinite"]
+    max_consecutive_skips: int = DEFAULTS["max_consecutive_skips"]
     foreach: bool | None = DEFAULTS["foreach"]
     fused: bool = DEFAULTS["fused"]
     state_dtype: str = DEFAULTS["state_dtype"]
