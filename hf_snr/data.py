@@ -12,13 +12,14 @@ and ``DataCollatorForPreference`` ignores keys it does not use when they are kep
 
 from __future__ import annotations
 
+import math
 import numbers
 import random
 from typing import Iterable
 
 from datasets import Dataset, DatasetDict
 
-__all__ = ["swap_preferences", "MAX_SWAP_RATE"]
+__all__ = ["swap_preferences", "swap_count", "MAX_SWAP_RATE"]
 
 # Above one half the labels carry inverted signal: that is relabelling, not noise.
 MAX_SWAP_RATE = 0.5
@@ -49,16 +50,25 @@ def _paired_columns(column_names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def swap_count(n: int, rate: float) -> int:
+    """How many of ``n`` rows a swap rate ``rate`` swaps: ``floor(rate * n)``, never more than the share asked for.
+
+    The product is nudged up by a relative 1e-9 before flooring, so that floating-point error in ``rate`` does
+    not lose a row (``0.29 * 100`` is 28.999999999999996 in binary floating point: 29 rows, not 28).
+    """
+    return min(n, math.floor(rate * n * (1.0 + 1e-9) + 1e-9))
+
+
 def _swapped_rows(n: int, rate: float, seed: int) -> list[bool]:
-    """A mask with exactly round(rate * n) True entries, at the first positions of a seeded permutation.
+    """A mask with exactly swap_count(n, rate) True entries, at the first positions of a seeded permutation.
 
     Taking a prefix of one permutation makes the rows nested across rates for one seed: the pairs
-    swapped at 10 % are among those swapped at 30 %.
+    swapped at 10 % are among those swapped at 30 % (the count never decreases with the rate).
     """
     order = list(range(n))
     random.Random(seed).shuffle(order)
     mask = [False] * n
-    for i in order[: round(rate * n)]:
+    for i in order[: swap_count(n, rate)]:
         mask[i] = True
     return mask
 
@@ -103,7 +113,7 @@ def swap_preferences(
     column: str = "label_flipped",
     splits: Iterable[str] | None = None,
 ) -> Dataset | DatasetDict:
-    """Swap chosen and rejected on exactly ``round(rate * n)`` seeded rows and mark them.
+    """Swap chosen and rejected on exactly ``floor(rate * n)`` seeded rows and mark them.
 
     Args:
         dataset: a preference ``Dataset`` or ``DatasetDict`` with ``chosen`` and ``rejected``
@@ -112,9 +122,9 @@ def swap_preferences(
             named like ``X_chosen``/``X_rejected`` (e.g. ``score_chosen``, ``true_reward_chosen``)
             are swapped with them; other columns are left as they are (UltraFeedback's
             ``messages``, a copy of the chosen conversation, then no longer matches ``chosen``).
-        rate: share of rows to swap, in [0, 0.5]. The count is ``round(rate * n)`` with Python's
-            ``round`` (ties to even).
-        seed: the rows are the first ``round(rate * n)`` of a permutation of ``range(n)`` seeded by
+        rate: share of rows to swap, in [0, 0.5]. The count is ``floor(rate * n)`` (see
+            :func:`swap_count`): never more than ``rate`` of the rows, e.g. 3 of 7 at 0.5, 3 of 10 at 0.3.
+        seed: the rows are the first ``floor(rate * n)`` of a permutation of ``range(n)`` seeded by
             ``seed``: the same seed gives the same rows, and for one seed the rows swapped at a
             lower rate are a subset of those swapped at a higher one. Every swapped split uses
             the same seed, so swapping ``dd`` or ``dd["train"]`` gives the same train split.

@@ -57,7 +57,10 @@ outside ``_signature_columns`` before batching, and ``DataCollatorForPreference`
 does not use. This trainer adds the column to the signature columns and wraps the data collator so
 that the flag travels inside each batch, aligned with its pair through shuffling, DDP sharding and
 gradient accumulation (no index bookkeeping). The flag is taken out of the batch before TRL sees
-it, so it never reaches the model.
+it, so it never reaches the model. Flags are bools or 0/1 integers (numpy / torch scalars too); any
+other value (the strings "True"/"False", floats, lists, None) is refused, not coerced: when the
+trainer is built for a ``datasets.Dataset`` (from the column's Arrow type, vectorised; the error
+names the data set, the row and the value), and by the collator for data it could not check then.
 
 Conservative DPO (cDPO) baseline: ``loss_type="cdpo"`` with ``label_smoothing=eps`` in [0, 0.5)
 (validated when the config is built) is the label-smoothed sigmoid loss
@@ -75,6 +78,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.training_args import OptimizerNames
@@ -173,11 +177,74 @@ class SNRDPOConfig(DPOConfig):
         validate_dpo_args(self)
 
 
+def _flag_value(value: Any) -> bool | None:
+    """``value`` as a flag, or None if it is not one.
+
+    Accepted: Python bool, the integers 0 and 1, and their numpy / 0-d torch counterparts (numpy.bool_,
+    numpy integers 0/1, a one-element bool or integer tensor holding 0/1: what a ``with_format("numpy")`` or
+    ``"torch"`` data set yields). Anything else (the strings "True"/"False", floats, lists, None) is refused
+    rather than coerced: ``bool("False")`` is True, and every such pair would count as swapped.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        item = value.item()  # a Python bool, int or float
+        return _flag_value(item) if isinstance(item, int) else None
+    return None
+
+
+def _bad_flag_error(column: str, value: Any, where: str) -> ValueError:
+    return ValueError(
+        f"Invalid value in the flipped column {column!r} {where}: {value!r} ({type(value).__name__}). Accepted: "
+        "True/False, 0/1 (Python, numpy or torch scalars), one per pair. A string such as 'False' would count as "
+        "a swapped pair; cast the column, e.g. dataset.cast_column(name, datasets.Value('bool')), or pass "
+        "flipped_column=None."
+    )
+
+
+def check_flipped_column(dataset: Any, column: str | None, name: str = "train_dataset") -> None:
+    """Refuse a ``datasets.Dataset`` whose flipped column holds anything but flags (see :func:`_flag_value`).
+
+    The column's Arrow type decides without a Python loop over the rows: a bool column is fine by construction
+    (only nulls are checked), an integer column is checked for values outside {0, 1} with vectorised compute;
+    any other type (strings, floats, lists) is refused at its first row. A data set without the column, an
+    ``IterableDataset`` or any other kind passes here: the collator refuses a bad value in the batch.
+    """
+    from datasets import Dataset
+
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            check_flipped_column(split, column, f"{name}[{key!r}]")
+        return
+    if not column or not isinstance(dataset, Dataset) or column not in dataset.column_names or len(dataset) == 0:
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.with_format("arrow")[column]  # follows select()/shuffle() indices, vectorised
+    kind = values.type
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind):
+        wrong = pc.is_null(values)  # a missing flag is no flag (bool(None) would say "clean")
+        if pa.types.is_integer(kind):
+            wrong = pc.or_kleene(wrong, pc.or_(pc.less(values, 0), pc.greater(values, 1)))
+        first = pc.index(pc.fill_null(wrong, True), True).as_py()
+        bad = None if first < 0 else first
+    else:  # neither bool nor integer: no value of this type is a flag, so the first row is the first bad one
+        bad = 0
+    if bad is not None:
+        value = dataset[bad][column]
+        raise _bad_flag_error(column, value, f"of {name}, row {bad} (column type {kind})")
+
+
 class _FlagCollator:
     """Wraps a data collator so that a per-pair column reaches the batch as a bool tensor.
 
     The column is removed from the examples before the wrapped collator sees them (a user's
-    collator need not know it) and added back as ``batch[column]``, shape (pairs,).
+    collator need not know it) and added back as ``batch[column]``, shape (pairs,). A value that
+    is not a flag (see :func:`_flag_value`) raises: the trainer checks map-style data sets when it
+    is built, this catches the rest (an iterable data set, a data set passed to ``evaluate`` later).
     """
 
     def __init__(self, collator: Callable, column: str):
@@ -187,9 +254,15 @@ class _FlagCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if not examples or self.column not in examples[0]:
             return self.collator(examples)
-        flags = torch.tensor([bool(example[self.column]) for example in examples], dtype=torch.bool)
+        flags = []
+        for i, example in enumerate(examples):
+            value = example.get(self.column)
+            flag = _flag_value(value)
+            if flag is None:
+                raise _bad_flag_error(self.column, value, f"(example {i} of a batch)")
+            flags.append(flag)
         batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
-        batch[self.column] = flags
+        batch[self.column] = torch.tensor(flags, dtype=torch.bool)
         return batch
 
     def __getattr__(self, name: str) -> Any:  # e.g. Trainer reads data_collator.tokenizer
@@ -216,6 +289,9 @@ class SNRDPOTrainer(DPOTrainer):
             args = SNRDPOConfig(f"{name.split('/')[-1]}-DPO")
         validate_dpo_args(args, warn=not isinstance(args, SNRDPOConfig))  # SNRDPOConfig warned when it was built
         self.flipped_column = getattr(args, "flipped_column", DEFAULT_FLIPPED_COLUMN)  # read during super().__init__
+        # Refuse a mistyped flag column now, on the data as given (row numbers are the user's), not mid-training.
+        for i, key in ((1, "train_dataset"), (2, "eval_dataset")):  # *more: data_collator, train, eval, ...
+            check_flipped_column(kwargs.get(key, more[i] if len(more) > i else None), self.flipped_column, key)
         super().__init__(model, ref_model, args, *more, **kwargs)
 
         # cDPO: TRL computes the sigmoid term (it rejects unknown loss names), compute_loss adds the rest.

@@ -166,7 +166,9 @@ class SNRCallback(TrainerCallback):
       under DeepSpeed ZeRO hands the optimizer the data-parallel group so statistics are global;
     - before a step that will be logged: asks the optimizer for statistics (computed on device,
       one host sync, only on those steps);
-    - at log time (through the Trainer's own ``log``): adds the ``snr/*`` metrics.
+    - at log time (through the Trainer's own ``log``): adds the ``snr/*`` metrics, and
+      ``snr/skipped_steps`` (steps skipped for a non-finite gradient) at every training log and in the
+      end-of-training summary whenever it is > 0.
     """
 
     def __init__(self, trainer: Trainer):
@@ -259,29 +261,45 @@ class SNRCallback(TrainerCallback):
             self._stats_step = state.global_step + 1
         return control
 
-    def metrics(self, loss: float | None) -> dict[str, float]:
-        """The snr/* metrics from the optimizer's latest statistics ({} before the first)."""
+    def skip_metrics(self) -> dict[str, int]:
+        """``{"snr/skipped_steps": n}`` when the optimizer has skipped n > 0 steps (non-finite gradient), else {}.
+
+        Read from the optimizer's own counter (device skips folded in), not from its latest statistics: the count
+        is current at every log, including a log at a skipped step and the end-of-training summary.
+        """
         opt = self.optimizer()
-        if opt is None or not opt.last_stats:
+        skipped = int(opt.skipped_steps) if opt is not None else 0
+        return {"snr/skipped_steps": skipped} if skipped > 0 else {}
+
+    def metrics(self, loss: float | None) -> dict[str, float]:
+        """The snr/* metrics for a log at the current step.
+
+        ``snr/skipped_steps`` whenever the optimizer has skipped steps; the statistics (``snr/signal`` ...) only
+        when they are this step's: none before the first statistics, and none at a step the optimizer skipped
+        (its statistics were not computed; the request carries over to the next step taken).
+        """
+        opt = self.optimizer()
+        if opt is None:
             return {}
-        s = opt.last_stats
-        step = self.trainer.state.global_step
-        if self._stats_step != step and not self._warned_stale:
-            # the Trainer logs at a step the callback did not foresee (e.g. a callback set should_log)
-            logger.warning(
-                "hf_snr: logging at step %d, but SNR statistics were last requested for step %s; the snr/* "
-                "values logged now are the latest available, not this step's.", step, self._stats_step)
-            self._warned_stale = True
-        out = {
-            "snr/mask_mean": s["mask_mean"],
-            "snr/active_fraction": s["active_fraction"],
-            "snr/signal": s["signal"],
-            "snr/memorization_rate": s["noise"],
-            "snr/signal_minus_noise": s["population_gain"],
-        }
-        if s.get("skipped_steps"):
-            out["snr/skipped_steps"] = s["skipped_steps"]
-        if self._alpha_note is not None:
+        out: dict[str, float] = {}
+        s = {} if opt.last_step_skipped else opt.last_stats
+        if s:
+            step = self.trainer.state.global_step
+            if self._stats_step != step and not self._warned_stale:
+                # the Trainer logs at a step the callback did not foresee (e.g. a callback set should_log)
+                logger.warning(
+                    "hf_snr: logging at step %d, but SNR statistics were last requested for step %s; the snr/* "
+                    "values logged now are the latest available, not this step's.", step, self._stats_step)
+                self._warned_stale = True
+            out.update({
+                "snr/mask_mean": s["mask_mean"],
+                "snr/active_fraction": s["active_fraction"],
+                "snr/signal": s["signal"],
+                "snr/memorization_rate": s["noise"],
+                "snr/signal_minus_noise": s["population_gain"],
+            })
+        out.update(self.skip_metrics())
+        if out and self._alpha_note is not None:
             out["snr/alpha"] = self._alpha_note
             self._alpha_note = None
         return out
@@ -304,6 +322,8 @@ def attach_snr(trainer: Trainer) -> SNRCallback:
     def log(logs: dict[str, float], *a: Any, **kw: Any) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs.update(callback.metrics(logs.get("loss")))
+        elif "train_runtime" in logs:  # the end-of-training summary: a skip on the last steps must show somewhere
+            logs.update(callback.skip_metrics())
         return original_log(logs, *a, **kw)
 
     trainer.log = log

@@ -54,7 +54,7 @@ def test_noisy_dpo_tiny_end_to_end(noisy_dpo, tmp_path):
     results = noisy_dpo.main(*args)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["train_pairs"] == 64 and on_disk["eval_pairs"] == 32
-    assert on_disk["flipped_pairs"] == round(0.3 * 64)  # exactly 30 % swapped, train split only
+    assert on_disk["flipped_pairs"] == math.floor(0.3 * 64)  # 30 % swapped (floored), train split only
     final = results["final"]
     for key in ("eval_rewards/accuracies", "eval_rewards/drift", "noise/flipped_fit", "noise/clean_fit",
                 "snr/mask_mean"):
