@@ -36,6 +36,14 @@ def mask(kind: str, mu2: torch.Tensor, sig2: torch.Tensor, alpha: float, softnes
     return (mu2 > alpha * sig2).to(mu2.dtype)
 
 
+def to_device(values, dtype, device):
+    """A small host list as a device tensor, without waiting (pinned memory, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def choice(prefix: str, name: str, value, table: dict):
     try:
         return table[value]

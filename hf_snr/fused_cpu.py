@@ -71,7 +71,8 @@ import torch
 
 from . import _fused_common as _common
 
-__all__ = ["available", "unavailable_reason", "step", "moments", "update", "gate", "library_path"]
+__all__ = ["available", "unavailable_reason", "is_loaded", "step", "moments", "update", "gate", "library_path",
+           "any_nonfinite", "NonFiniteGradient"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_snr_cpu.c")
 _ABI = 4
@@ -414,6 +415,11 @@ def _reset() -> None:
         _state.clear()
         _plans.clear()
         _warned.clear()
+
+
+def is_loaded() -> bool:
+    """Whether the kernel is loaded already (never builds it: only ``fused=True`` asks for a build)."""
+    return _state.get("lib") is not None
 
 
 def available() -> bool:

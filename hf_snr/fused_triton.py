@@ -495,12 +495,7 @@ def _check_list(name, ts, n, dtypes, numels, device=None):
 
 
 
-def _to_dev(values, dtype, device):
-    """A small host list as a device tensor, without waiting (pinned memory, non-blocking copy)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+_to_dev = _common.to_device
 
 
 def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs, with_numels):

@@ -306,6 +306,24 @@ def options_markdown() -> str:
     return "\n".join(lines)
 
 
+def options_docstring(indent: str = "        ") -> str:
+    """The ``Args`` entries of SNRAdamW's docstring, one per option of the optimizer (a test holds them equal)."""
+    lines = []
+    for name, o in OPTIONS.items():
+        if name == "exclude":  # the factory's, not the optimizer's
+            continue
+        text = f"{name} ({o.type}): {o.help}. Default {_show(o)}; accepted: {o.accepted}."
+        where = "" if o.per_group else " Optimizer-wide (not per group)."
+        words, line = (text + where).split(), indent
+        for w in words:  # wrap at 110 columns, continuation lines indented once more
+            if len(line) + len(w) + 1 > 110 and line.strip():
+                lines.append(line.rstrip())
+                line = indent + "    "
+            line += w + " "
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def _show(opt: Option) -> str:
     if opt.shown:
         return opt.shown

@@ -8,7 +8,8 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 from hf_snr import SNRAdamW, unwrap_optimizer
-from hf_snr import optimizer as snr_optimizer_module
+from hf_snr import _stats as snr_stats_module  # where statistics are finished
+from hf_snr._step_args import STAT_KEYS
 
 VOCAB = 64
 SEQ = 12
@@ -113,15 +114,15 @@ class StatsCounter:
     def __init__(self, monkeypatch):
         self.steps: list[int] = []
         self.totals: list[dict[str, float]] = []
-        original = SNRAdamW._finish_stats
+        original = snr_stats_module.finish
         counter = self
 
-        def _finish_stats(opt, total, steps):
+        def finish(total, steps, **kw):
             counter.steps.append(steps)
-            counter.totals.append(dict(zip(snr_optimizer_module._STAT_KEYS, total.tolist())))
-            return original(opt, total, steps)
+            counter.totals.append(dict(zip(STAT_KEYS, total.tolist())))
+            return original(total, steps, **kw)
 
-        monkeypatch.setattr(SNRAdamW, "_finish_stats", _finish_stats)
+        monkeypatch.setattr(snr_stats_module, "finish", finish)
 
 
 def train_logs(trainer) -> list[dict]:

@@ -198,13 +198,12 @@ def test_the_nonfinite_raise_folded_into_the_kernel_changes_nothing():
 _TRITON_WIRING = r"""
 import math, sys, warnings
 import torch
-import hf_snr.optimizer as om
-from hf_snr import SNRAdamW, fused_triton
+from hf_snr import SNRAdamW, _fused, _nonfinite, fused_triton
 assert fused_triton.available(), fused_triton.unavailable_reason()
 # route the optimizer's CUDA path to the interpreted kernel on CPU tensors
-om._fused._kernel = staticmethod(lambda t: fused_triton)
-om._fused.unavailable = staticmethod(lambda t: None)
-om.SNRAdamW._all_fused_on_cuda = lambda self: all(g["fused"] for g in self.param_groups)
+_fused.kernel = lambda t: fused_triton
+_fused.unavailable = lambda t: None
+_nonfinite.all_fused_on_cuda = lambda param_groups: all(g["fused"] for g in param_groups)
 for opts in ({}, dict(reduction="row", noise="ema"), dict(decay_to="init", mask="soft")):
     torch.manual_seed(0)
     start = [torch.randn(6, 5), torch.randn(7)]

@@ -305,7 +305,6 @@ def test_state_dict_passes_non_dict_state_entries_through():
         optimizer.state["user_note"] = 42
 
     opt.register_state_dict_pre_hook(pre_hook)
-    opt._device_skips = None
     opt.state[w]["device_skips"] = torch.zeros(1)  # what the CUDA fused path leaves, filtered out of checkpoints
     sd = opt.state_dict()
     assert all("device_skips" not in st for st in sd["state"].values() if isinstance(st, dict))

@@ -1,6 +1,6 @@
 """Tests of SNRAdamW (CPU, fast).
 
-Each test states a behaviour a user relies on: the equations of ALGORITHM.md (checked against plain
+Each test states a behaviour a user relies on: the equations of docs/algorithm.md (checked against plain
 Python floats), AdamW when the gate is open, the gate's range and its limits, the two code paths
 agreeing, a statistical check that the gate separates signal from noise, fp32 state and exact
 save/resume, validation messages, the non-finite policies, ZeRO flat partitions and the risk
@@ -18,8 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-import hf_snr.optimizer as optimizer_module
-from hf_snr.optimizer import SNRAdamW, _foreach_mask, _mask
+import hf_snr._foreach as foreach_module  # the foreach path's block size (moved out of hf_snr.optimizer)
+from hf_snr._fused_common import mask as _mask
+from hf_snr._foreach import _foreach_mask
+from hf_snr.optimizer import SNRAdamW
 
 MASKS = ("snr", "soft", "hard")
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
@@ -69,7 +71,7 @@ def _assert_unchanged(opt, params, snap):
 # 1. the equations, by hand
 # ---------------------------------------------------------------------------------------------
 def _hand_run(p0, grads, *, lr, betas, eps, wd, rho, mask, softness, alpha):
-    """ALGORITHM.md steps 1-8 in plain Python floats, coordinate by coordinate."""
+    """docs/algorithm.md's step in plain Python floats, coordinate by coordinate."""
     b1, b2 = betas
     n = len(p0)
     p, m, v, s = list(p0), [0.0] * n, [0.0] * n, [0.0] * n
@@ -327,14 +329,14 @@ def _mixed_groups(mask, reduction):
 @pytest.fixture
 def block_numel(request, monkeypatch):
     if getattr(request, "param", None) is not None:
-        monkeypatch.setattr(optimizer_module, "_CPU_BLOCK_NUMEL", request.param)
-    return optimizer_module._CPU_BLOCK_NUMEL
+        monkeypatch.setattr(foreach_module, "_CPU_BLOCK_NUMEL", request.param)
+    return foreach_module._CPU_BLOCK_NUMEL
 
 
 def test_blocks_cover_every_element_once_and_respect_size():
     tensors = [torch.zeros(20), torch.zeros(3), torch.zeros(4, 4).t(), torch.zeros(0), torch.zeros(9)]
     lists = [tensors, [t.clone() for t in tensors]]
-    blocks = optimizer_module._blocks(lists, 7)
+    blocks = foreach_module._blocks(lists, 7)
     for block in blocks:
         assert sum(views[0].numel() for _, views in block) <= 7 or len(block) == 1
         for _, views in block:
@@ -346,7 +348,7 @@ def test_blocks_cover_every_element_once_and_respect_size():
             assert torch.equal(t, torch.ones_like(t)), i  # every element once, views write through
         else:  # never cut: one whole piece
             assert [views[0] is t for b in blocks for j, views in b if j == i] == [True]
-    assert optimizer_module._blocks(lists, None) == [[(i, [t, lists[1][i]]) for i, t in enumerate(tensors)]]
+    assert foreach_module._blocks(lists, None) == [[(i, [t, lists[1][i]]) for i, t in enumerate(tensors)]]
 
 
 @pytest.mark.parametrize("block_numel", [None, 7], ids=["block_default", "block_7"], indirect=True)
@@ -764,7 +766,7 @@ def test_nonfinite_propagate_behaves_like_adamw(bad, foreach):
 # 9. risk statistics
 # ---------------------------------------------------------------------------------------------
 def _stats_from_state(opt):
-    """ALGORITHM.md's log, computed directly (float64) from the optimizer's state after a step."""
+    """The logged statistics (docs/algorithm.md), computed directly (float64) from the optimizer's state after a step."""
     mask_sum = count = active = signal = noise = 0.0
     for group in opt.param_groups:
         b1, b2 = group["betas"]
@@ -832,8 +834,10 @@ def test_stats_only_when_requested_and_cumulative_noise(foreach, monkeypatch):
     params = _params([((5, 4), torch.float32)])
     opt = SNRAdamW(params, warmup_steps=0, foreach=foreach)
     calls = []
-    real = opt._finish_stats
-    monkeypatch.setattr(opt, "_finish_stats", lambda total, steps: calls.append(total) or real(total, steps))
+    import hf_snr._stats as stats_module  # where statistics are finished
+
+    real = stats_module.finish
+    monkeypatch.setattr(stats_module, "finish", lambda total, steps, **kw: calls.append(total) or real(total, steps, **kw))
     noises = {}
     for step in range(1, 8):
         _set_grads(params, step)

@@ -146,3 +146,21 @@ def test_readme_options_table_is_the_options_table():
     shown = text.split(start, 1)[1].split(end, 1)[0]
     assert shown == options_markdown(), "regenerate with: python -c 'from hf_snr.options import options_markdown; " \
                                         "print(options_markdown())'"
+
+
+def test_optimizer_docstring_and_signature_come_from_the_options_table():
+    """SNRAdamW's Args section is generated from OPTIONS, and its keywords are exactly the table's optimizer options."""
+    import inspect
+
+    from hf_snr.optimizer import SNRAdamW
+    from hf_snr.options import OPTIONS as TABLE
+    from hf_snr.options import options_docstring
+
+    assert options_docstring() in SNRAdamW.__doc__
+    for name, opt in TABLE.items():
+        if name != "exclude":  # the factory's, not the optimizer's
+            assert f"        {name} ({opt.type}): {opt.help.split()[0]}" in SNRAdamW.__doc__, name
+    keywords = set(inspect.signature(SNRAdamW).parameters) - {"params", "process_group"}
+    assert keywords == set(TABLE) - {"exclude"}
+    defaults = {k: p.default for k, p in inspect.signature(SNRAdamW).parameters.items() if k in keywords}
+    assert defaults == {k: TABLE[k].default for k in keywords}

@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-import hf_snr.optimizer as optimizer_module
+import hf_snr._foreach as foreach_module  # the foreach path's block size
 from hf_snr.optimizer import SNRAdamW
 
 STEPS = 7
@@ -133,7 +133,7 @@ def run_case(rank, mesh, reduction, mask, foreach, construct, block, extra):
     from torch.distributed.tensor import DTensor, Shard
 
     # a block of 5 elements cuts the local shards into views (the reference keeps the default)
-    default_block = optimizer_module._CPU_BLOCK_NUMEL
+    default_block = foreach_module._CPU_BLOCK_NUMEL
 
     hp = dict(HP, reduction=reduction, mask=mask, foreach=foreach, **extra)
     torch.manual_seed(0)
@@ -170,11 +170,11 @@ def run_case(rank, mesh, reduction, mask, foreach, construct, block, extra):
             model.l2.weight.grad.to_local()[0, 0] = float("nan")
         if step in STATS_STEPS:
             opt.request_stats()
-        optimizer_module._CPU_BLOCK_NUMEL = block or default_block
+        foreach_module._CPU_BLOCK_NUMEL = block or default_block
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt.step()
-        optimizer_module._CPU_BLOCK_NUMEL = default_block
+        foreach_module._CPU_BLOCK_NUMEL = default_block
         skipped = any("non-finite gradient" in str(w.message) for w in caught)
         assert skipped == (step == NAN_STEP), (rank, step, skipped)
 
