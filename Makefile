@@ -13,7 +13,7 @@ STAMP := $(VENV)/.hf_snr-installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/compare.py --config recipes/configs/demo.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m "not slow"
 
 bench: $(STAMP)

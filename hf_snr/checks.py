@@ -7,9 +7,12 @@ options that cannot work on a backend. Imports neither torch nor transformers: t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import SNROptions
+
+if TYPE_CHECKING:  # annotations only: this module must not import transformers at import time
+    from transformers import TrainingArguments
 
 
 def check_deepspeed_config(config: dict[str, Any] | None) -> None:

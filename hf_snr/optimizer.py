@@ -42,8 +42,17 @@ from ._distributed import all_reduce, local, shard_group
 from ._microbatch import MicrobatchGradients
 from ._step_args import STATE_DTYPES, GroupTensors, StepArgs, ema_noise_scale  # noqa: F401  (ema_noise_scale: public)
 from .fused_cpu import NonFiniteGradient
-from .options import (DEFAULT_WARMUP_STEPS, DEFAULTS, GROUP_DEFAULTS, MASKS, NONFINITE_POLICIES, REDUCTIONS,
-                      options_docstring, validate_hparams, validate_value)
+from .options import (
+    DEFAULT_WARMUP_STEPS,
+    DEFAULTS,
+    GROUP_DEFAULTS,
+    MASKS,
+    NONFINITE_POLICIES,
+    REDUCTIONS,
+    options_docstring,
+    validate_hparams,
+    validate_value,
+)
 
 logger = logging.getLogger("hf_snr")
 
@@ -257,12 +266,16 @@ class SNRAdamW(Optimizer):
         host sync. Under sharding every rank must read it (it is a collective), as the Trainer
         integration does at each logging step.
         """
+        self._finish_pending()
+        return self._stats.last
+
+    def _finish_pending(self) -> None:
+        """Finish the pending statistics sums, if any (the all-reduce and the host sync of :attr:`last_stats`)."""
         st = self._stats
         if st.pending is not None:
             pending, st.pending = st.pending, None
             st.last = _stats.finish(pending, st.step, group=self._stats_group(), snr_state=self.snr_state,
                                     read_device_skips=self._read_device_skips)
-        return st.last
 
     @last_stats.setter
     def last_stats(self, value: dict[str, float]) -> None:
@@ -288,7 +301,7 @@ class SNRAdamW(Optimizer):
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self.last_stats  # fold pending statistics into snr_state (cumulative noise) before saving
+        self._finish_pending()  # fold pending statistics into snr_state (cumulative noise) before saving
         self._read_device_skips()  # and the steps skipped on the device into the step counts
         sd = super().state_dict()
         if any(isinstance(st, dict) and "device_skips" in st for st in sd["state"].values()):
@@ -494,7 +507,7 @@ class SNRAdamW(Optimizer):
                 phases.append(path.moments(t, args=args, mb=mb, found_inf=found_inf, check=check))
             # The logical step this call belongs to: the step count its tensors just reached.
             step_now = max((int(x.item()) for _, t, _ in prepared for x in t.steps), default=self.snr_state["steps"])
-            want_stats = self._stats.begin(step_now, lambda: self.last_stats)
+            want_stats = self._stats.begin(step_now, self._finish_pending)
             self._all_reduce_sums(prepared, phases)
             # Phase 2: the gate and the parameter update (plus, when requested, this call's statistics sums).
             for (args, t, path), phase in zip(prepared, phases):
@@ -537,7 +550,7 @@ class SNRAdamW(Optimizer):
         if self._stats.requested:
             # the statistics asked for this step do not exist: no stale values in its log row. The request carries
             # over to the next step that is taken.
-            self.last_stats  # (finish an older requested step first)
+            self._finish_pending()  # (an older requested step first)
             self._stats.last = {}
         return loss
 

@@ -212,7 +212,8 @@ def risk_tracking(log_history: list[dict[str, Any]]) -> dict[str, dict[str, Any]
         held = [eval_loss[s] for s, _ in curve]
         d_est = [b - a for a, b in zip(est, est[1:])]
         d_held = [b - a for a, b in zip(held, held[1:])]
-        entry: dict[str, Any] = {"n": len(curve), "rho_level": spearman(est, held), "rho_change": spearman(d_est, d_held)}
+        entry: dict[str, Any] = {"n": len(curve), "rho_level": spearman(est, held),
+                                 "rho_change": spearman(d_est, d_held)}
         if key in CUMULATIVE:
             pts = [(s, v) for s, v in curve if s in train_loss]
             gaps = [eval_loss[s] - train_loss[s] for s, _ in pts]
@@ -559,7 +560,7 @@ def add_recovered(summary: dict[str, Any], spec: dict[str, str] | None = None) -
     for key, name in (("final_acc", "recovered"), ("sustained_acc", "recovered_sustained")):
         c, n = arms[clean]["stats"][key]["mean"], arms[noisy]["stats"][key]["mean"]
         out[f"noise_cost_{key}"] = c - n
-        for label, arm in arms.items():
+        for _label, arm in arms.items():
             if arm["noise_rate"] == 0:
                 arm["stats"][name] = aggregate([])
                 continue
@@ -625,7 +626,7 @@ def best_learning_rates(summary: dict[str, Any], key: str = "sustained_acc") -> 
 def markdown(summary: dict[str, Any]) -> str:
     th = summary["thresholds"]
     frac = summary["sustained_from"]
-    head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", f"sustained acc"]
+    head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", "sustained acc"]
     head += [f"first step ≥ {t:g}" for t in th]
     has_rec = bool(summary.get("recovered"))
     head += ["drift", "flipped fit"] + (["recovered"] if has_rec else []) + ["mask mean", "wall s", "cpu s"]
@@ -652,7 +653,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"First step ≥ t: the first evaluated step from which accuracy stays ≥ t at every later evaluation "
         f"(mean over the seeds that got there; (k/n) when only k did). Drift: mean |β log π/π_ref| over chosen and "
         f"rejected at the last evaluation. Flipped fit: share of swapped training pairs the policy prefers as "
-        f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). Mask mean: the SNR gate's mean over the same late "
+        f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). "
+        f"Mask mean: the SNR gate's mean over the same late "
         f"window (AdamW: 1 by definition). Wall s / cpu s: per run, including data preparation and evaluations "
         f"(cpu s: the run's own CPU time, what a busy shared machine does not inflate).",
         "",

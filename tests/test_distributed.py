@@ -170,7 +170,7 @@ class Launches:
     def close(self) -> None:
         for launch in self.by_name.values():
             launch.kill()
-        timings = {n: round(l.finished - l.started, 1) for n, l in self.by_name.items() if l.finished}
+        timings = {n: round(lg.finished - lg.started, 1) for n, lg in self.by_name.items() if lg.finished}
         if timings:
             print(f"\n[test_distributed] launch wall times (s): {timings}")
 
@@ -297,7 +297,8 @@ def zero_reference(name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Plain PyTorch, 1 process, SNRAdamW on the whole global batch of every step."""
     import deepspeed_zero as dz
 
-    split, d_out = "two_groups" in name or name in dz.CASE_OPTIONS and "options" in name, 3 if name in PADDED_CASES else 4
+    split, d_out = ("two_groups" in name or name in dz.CASE_OPTIONS and "options" in name,
+                    3 if name in PADDED_CASES else 4)
     extra = dz.OPTION_CASES.get(dz.CASE_OPTIONS.get(name), {})
     key = (split, d_out, tuple(sorted(extra.items())))
     if key not in _REFERENCE_CACHE:
@@ -414,7 +415,8 @@ def test_trainer_deepspeed_steps_snradamw(trainer_ds_out, single_out, stage):
         assert all(math.isfinite(entry[k]) for k in hf_metric_keys())
 
     single = _load_json(single_out / "world1_rank0.json")
-    diff = _max_param_diff(torch.load(trainer_ds_out / f"ds_zero{stage}.pt"), torch.load(single_out / "world1_rank0.pt"))
+    diff = _max_param_diff(torch.load(trainer_ds_out / f"ds_zero{stage}.pt"),
+                           torch.load(single_out / "world1_rank0.pt"))
     assert diff < 1e-4, f"ZeRO-{stage} Trainer parameters differ from the plain Trainer's by {diff:.3g}"
     problems = _compare_logs(info["log_history"], single["log_history"], keys_prefix=("loss",))
     assert not problems, "\n".join(problems)

@@ -356,7 +356,7 @@ def test_two_pass_reduction(reduce, mask, signal, pdtype, sdtype):
     m1, v1, s1 = [x.clone() for x in gr["m"]], [x.clone() for x in gr["v"]], [x.clone() for x in gr["s"]]
     # row sums against the reference's
     start = 0
-    for i, shape in enumerate(SHAPES_2D):
+    for i, _shape in enumerate(SHAPES_2D):
         _, mu2, sig2 = ref_signal(ref["g"][i], ref["m"][i], ref["s"][i], hp, gr["t"], signal)
         r = rows[i]
         exp = torch.stack([mu2.reshape(r, -1).double().sum(1), sig2.reshape(r, -1).double().sum(1)], 1)

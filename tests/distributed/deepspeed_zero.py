@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-import _common  # noqa: E402
 
 WORLD = 2
 GA = 2
@@ -87,6 +86,7 @@ def ds_config(stage: int, extra: dict | None = None) -> dict:
 
 def run_case(case: dict, rank: int) -> dict:
     import deepspeed
+
     from hf_snr import SNRAdamW
     from hf_snr.integration import deepspeed_partition_group
 
@@ -119,7 +119,7 @@ def run_case(case: dict, rank: int) -> dict:
     opt.step = counting_step
 
     stats, calls_per_step = [], []
-    for k, (x, y) in enumerate(_common.regression_batches(STEPS, WORLD * GA * MICRO, d_out=d_out)):
+    for _k, (x, y) in enumerate(_common.regression_batches(STEPS, WORLD * GA * MICRO, d_out=d_out)):
         calls["n"] = 0
         opt.request_stats()
         for j in range(GA):

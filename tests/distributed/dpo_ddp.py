@@ -31,7 +31,7 @@ def expected_metrics(trainer, dataset, column: str) -> dict[str, float]:
             examples = [rows[i] for i in range(start, min(start + 8, len(rows)))]
             batch = trainer.data_collator(examples)
 
-            def seq_logps(model):
+            def seq_logps(model, batch=batch):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
                 tokens = batch["input_ids"][:, 1:]
                 mask = batch["completion_mask"][:, 1:].float()
