@@ -12,6 +12,11 @@ from array import array
 import torch
 
 _data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_contig = torch.Tensor.is_contiguous
+_dtype = torch.Tensor.dtype.__get__
+
+PASS_FULL, PASS_MOMENTS, PASS_UPDATE = 0, 1, 2  # the kernels' passes: the whole step; moments + sums; update
 
 FP32_MAX = torch.finfo(torch.float32).max
 TINY = torch.finfo(torch.float32).tiny
@@ -110,3 +115,105 @@ def gate(prefix: str, sums: torch.Tensor, kind: str, alpha: float, softness: flo
     alpha, softness = min(float(alpha), FP32_MAX), min(float(softness), FP32_MAX)
     c = min(softness * alpha, FP32_MAX) if c is None else min(float(c), FP32_MAX)
     return mask(kind, sums[:, 0].float(), sums[:, 1].float(), alpha, softness, c).contiguous()
+
+
+def grads_match(prefix: str, grads, plan, n: int, placed) -> bool:
+    """Whether this step's gradients fit the validated plan (device via ``placed(grads, plan)``, contiguous,
+    numels, dtypes): the per-step check of both kernels' host sides (C-level maps over the list)."""
+    if grads is None or len(grads) != n:
+        raise ValueError(f"{prefix}: grads must be a list of {n} tensors")
+    try:
+        if not (placed(grads, plan) and all(map(_contig, grads)) and list(map(_numel, grads)) == plan.numels):
+            return False
+        if plan.pdtype is not None:
+            return set(map(_dtype, grads)) <= {plan.pdtype}
+        return list(map(_dtype, grads)) == plan.pdtypes
+    except (TypeError, AttributeError):  # not a tensor
+        return False
+
+
+class Call:
+    """One kernel call's validated arguments (:func:`prepare`)."""
+    __slots__ = ("n", "use_p0", "use_sq", "ptrs", "key", "plan", "variance", "signal", "mask", "with_g")
+
+
+def prepare(prefix: str, typecode: str, pass_: int, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
+            row_lens, variance: str, signal: str, mask: str, *, make_plan, plans: dict, grads_ok, check_list,
+            name_bad_grad) -> Call:
+    """What both kernels' host sides do before a call: the pointer array (p, m, v, s, p0, sq), the option codes,
+    the plan validated once per set of state tensors (cached in ``plans``) and this step's gradients checked
+    against it (a mismatch re-validates; ``name_bad_grad(grads, plan)`` names the culprit)."""
+    call = Call()
+    call.n = n = len(params)
+    call.use_p0 = anchors is not None and pass_ != PASS_MOMENTS
+    call.use_sq = sq_sums is not None and pass_ != PASS_UPDATE
+    # the pointer arrays, in the kernel's order p, m, v, s, p0, sq (0: absent); they key the cache of plans
+    call.ptrs = state_pointers(prefix, typecode, params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
+                               call.use_p0, call.use_sq, check_list)
+    call.variance = choice(prefix, "variance", variance, VARIANCES)
+    call.signal = choice(prefix, "signal", signal, SIGNALS)
+    call.mask = choice(prefix, "mask", mask, MASKS)
+    if pass_ != PASS_UPDATE and call.variance == 1 and sq_sums is None:
+        raise ValueError(f"{prefix}: variance='microbatch' needs sq_sums")
+    call.with_g = with_g = pass_ != PASS_UPDATE or call.signal == 1
+    call.key = key = call.ptrs.tobytes()
+    p0 = anchors if call.use_p0 else None
+    sq = sq_sums if call.use_sq else None
+    plan = make_plan(params, exp_avgs, exp_avg_sqs, exp_vars, p0, sq, row_lens, key, not with_g)
+    if with_g and not grads_ok(grads, plan, n):
+        plans.clear()  # a resized parameter, or a wrong gradient: check everything again
+        plan = make_plan(params, exp_avgs, exp_avg_sqs, exp_vars, p0, sq, row_lens, key, False)
+        if not grads_ok(grads, plan, n):
+            name_bad_grad(grads, plan)  # raises, naming the culprit
+            raise ValueError(f"{prefix}: grads do not match the parameters")  # pragma: no cover
+    call.plan = plan
+    return call
+
+
+def check_list(prefix: str, name: str, ts, n: int, dtypes, numels, device_problem) -> list:
+    """Check a list of tensors for a kernel call (``device_problem(t)``: why t's device is wrong, or None);
+    the message names the list, the position and what is wrong. Returns their dtypes."""
+    if ts is None or len(ts) != n:
+        raise ValueError(f"{prefix}: {name} must be a list of {n} tensors (got {None if ts is None else len(ts)})")
+    for i, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{prefix}: {name}[{i}] is {type(t).__name__}, not a tensor")
+        problem = device_problem(t)
+        if problem:
+            raise ValueError(f"{prefix}: {name}[{i}] is on {t.device}, {problem}")
+        wanted = dtypes[i] if isinstance(dtypes, list) else dtypes
+        if t.dtype not in wanted:
+            raise ValueError(f"{prefix}: {name}[{i}] has dtype {t.dtype}, expected "
+                             f"{' or '.join(str(d) for d in wanted)}")
+        if t.layout != torch.strided or t.is_quantized:
+            raise ValueError(f"{prefix}: {name}[{i}] must be a dense tensor")
+        if not t.is_contiguous():
+            raise ValueError(f"{prefix}: {name}[{i}] is not contiguous (shape {tuple(t.shape)}, "
+                             f"stride {t.stride()})")
+        if numels is not None and t.numel() != numels[i]:
+            raise ValueError(f"{prefix}: {name}[{i}] has {t.numel()} elements, its parameter {numels[i]}")
+    return [t.dtype for t in ts]
+
+
+def plan_layout(prefix: str, plan, params, numels, pdtypes, sdtypes, p0dtypes, row_lens):
+    """Fill the part of a kernel plan both host sides share: numels, the parameters' dtype(s), the row layout;
+    returns (row lengths, rows per tensor, first row per tensor, or Nones) and the tensors grouped by dtype
+    signature (p/g, s, p0 bf16 or not), in order of first appearance: one kernel call or launch each."""
+    plan.numels = numels
+    plan.pdtypes = pdtypes
+    plan.pdtype = pdtypes[0] if len(set(pdtypes)) == 1 else None
+    plan.has_rows = row_lens is not None
+    if row_lens is not None:
+        rl, nrows = rows(prefix, row_lens, params, numels)
+        off = [0]
+        for r in nrows:
+            off.append(off[-1] + r)
+        plan.rows = off[-1]
+    else:
+        rl = nrows = off = None
+        plan.rows = 0
+    bf16 = torch.bfloat16
+    sigs: dict = {}
+    for i in range(len(params)):
+        sigs.setdefault((pdtypes[i] == bf16, sdtypes[i] == bf16, p0dtypes[i] == bf16), []).append(i)
+    return (rl, nrows, off), sigs

@@ -41,14 +41,14 @@ def moments(t: GroupTensors, *, args: StepArgs, mb=None, found_inf=None, check=N
         m.lerp_(g, 1 - args.beta1)                       # m <- beta1 m + (1 - beta1) g
         v.mul_(args.beta2).addcmul_(g, g, value=1 - args.beta2)
         if args.reduced:                                 # reduction="row" / "tensor": sums for the gate
-            mu2, sig2 = _signal_noise(t, i, args, m, s)
+            k = tensor_scalars(args, t.steps[i].item(), t.var_starts[i])
+            mu2, sig2 = _signal_noise(t, i, args, m, s, k)
             sums.append(torch.stack([row_sums(mu2, args.reduction), row_sums(sig2, args.reduction)], dim=1))
     return Phase(sums=sums if args.reduced else None)
 
 
-def _signal_noise(t: GroupTensors, i: int, args: StepArgs, m: torch.Tensor, s: torch.Tensor):
-    """mu^2 and sigma^2 of tensor i, clamped to fp32's max (a huge finite gradient squares to inf)."""
-    k = tensor_scalars(args, t.steps[i].item(), t.var_starts[i])
+def _signal_noise(t: GroupTensors, i: int, args: StepArgs, m: torch.Tensor, s: torch.Tensor, k: dict):
+    """mu^2 and sigma^2 of tensor i (k: its scalars), clamped to fp32's max (a huge finite gradient squares to inf)."""
     if args.signal == "ema":
         mu2 = (m / k["bc1"]).square()                    # mu^2 = m_hat^2
     else:
@@ -67,7 +67,7 @@ def update(t: GroupTensors, phase: Phase, *, args: StepArgs, want_stats: bool = 
         m, v, s = local(t.exp_avgs[i]), local(t.exp_avg_sqs[i]), local(t.exp_vars[i]).float()
         k = tensor_scalars(args, t.steps[i].item(), t.var_starts[i])
         m_hat = m / k["bc1"]
-        mu2, sig2 = _signal_noise(t, i, args, m, s)
+        mu2, sig2 = _signal_noise(t, i, args, m, s, k)
         if k["open"]:                                    # warm-up, or snr=False: plain AdamW
             q = torch.ones_like(m)
         elif args.reduced:                               # one gate per row / tensor, from the sums

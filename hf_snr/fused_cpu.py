@@ -92,7 +92,7 @@ def _choice(name, value, table):
 
 def _rows(row_lens, params, numels):
     return _common.rows("fused_cpu", row_lens, params, numels)
-_PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = 0, 1, 2
+_PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = _common.PASS_FULL, _common.PASS_MOMENTS, _common.PASS_UPDATE
 
 
 class _Args(ctypes.Structure):
@@ -467,29 +467,13 @@ class _Plan:
     __slots__ = ("numels", "pdtype", "pdtypes", "has_rows", "rows", "subs")
 
 
+def _not_cpu(t) -> str | None:
+    return None if t.device.type == "cpu" else "expected a CPU tensor"
+
+
 def _check_list(name, ts, n, dtypes, numels):
     """Check a list of tensors; returns their dtypes."""
-    if ts is None or len(ts) != n:
-        raise ValueError(f"fused_cpu: {name} must be a list of {n} tensors (got {None if ts is None else len(ts)})")
-    for i, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"fused_cpu: {name}[{i}] is {type(t).__name__}, not a tensor")
-        if t.device.type != "cpu":
-            raise ValueError(f"fused_cpu: {name}[{i}] is on {t.device}, expected a CPU tensor")
-        wanted = dtypes[i] if isinstance(dtypes, list) else dtypes
-        if t.dtype not in wanted:
-            raise ValueError(f"fused_cpu: {name}[{i}] has dtype {t.dtype}, expected "
-                             f"{' or '.join(str(d) for d in wanted)}")
-        if t.layout != torch.strided or t.is_quantized:
-            raise ValueError(f"fused_cpu: {name}[{i}] must be a dense tensor")
-        if not t.is_contiguous():
-            raise ValueError(f"fused_cpu: {name}[{i}] is not contiguous (shape {tuple(t.shape)}, "
-                             f"stride {t.stride()})")
-        if numels is not None and t.numel() != numels[i]:
-            raise ValueError(f"fused_cpu: {name}[{i}] has {t.numel()} elements, its parameter {numels[i]}")
-    return [t.dtype for t in ts]
-
-
+    return _common.check_list("fused_cpu", name, ts, n, dtypes, numels, _not_cpu)
 
 
 def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, ptrs, with_numels):
@@ -515,22 +499,7 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
     if sq_sums is not None:
         _check_list("sq_sums", sq_sums, n, (_F32,), numels)
     plan = _Plan()
-    plan.numels = numels
-    plan.pdtypes = pd
-    plan.pdtype = pd[0] if len(set(pd)) == 1 else None
-    plan.has_rows = row_lens is not None
-    if row_lens is not None:
-        rl, nrows = _rows(row_lens, params, numels)
-        off = [0]
-        for r in nrows:
-            off.append(off[-1] + r)
-        plan.rows = off[-1]
-    else:
-        rl = nrows = off = None
-        plan.rows = 0
-    sigs: dict = {}
-    for i in range(n):
-        sigs.setdefault((pd[i] == _BF16, sd[i] == _BF16, p0d[i] == _BF16), []).append(i)
+    (rl, nrows, off), sigs = _common.plan_layout("fused_cpu", plan, params, numels, pd, sd, p0d, row_lens)
     plan.subs = []
     for (pb, sb, p0b), idx in sigs.items():
         sub = _Sub()
@@ -550,17 +519,16 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
     return plan
 
 
+def _on_cpu(grads, plan) -> bool:
+    return all(map(_is_cpu, grads))
+
+
 def _grads_ok(grads, plan, n):
-    if grads is None or len(grads) != n:
-        raise ValueError(f"fused_cpu: grads must be a list of {n} tensors")
-    try:
-        if not (all(map(_is_cpu, grads)) and all(map(_contig, grads)) and list(map(_numel, grads)) == plan.numels):
-            return False
-        if plan.pdtype is not None:
-            return set(map(_dtype, grads)) <= {plan.pdtype}
-        return list(map(_dtype, grads)) == plan.pdtypes
-    except TypeError:  # not a tensor
-        return False
+    return _common.grads_match("fused_cpu", grads, plan, n, _on_cpu)
+
+
+def _name_bad_grad(grads, plan):
+    _check_list("grads", grads, len(grads), [(d,) for d in plan.pdtypes], plan.numels)
 
 
 def _tensor_scalars(bc1, bc2, bcr, noise_scale, gate_open, n):
@@ -593,30 +561,12 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     lib = _load()
     if lib is None:
         raise RuntimeError(f"fused_cpu is unavailable: {_state['reason']}")
-    n = len(params)
-    use_p0 = anchors is not None and pass_ != _PASS_MOMENTS
-    use_sq = sq_sums is not None and pass_ != _PASS_UPDATE
-    # The pointer arrays, in the kernel's order p, m, v, s, p0, sq (0: absent), g; all but g also
-    # key the cache of validated groups.
-    ptrs = _common.state_pointers("fused_cpu", "Q", params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
-                                  use_p0, use_sq, _check_list)
-    variance_k = _choice("variance", variance, _VARIANCES)
-    signal_k = _choice("signal", signal, _SIGNALS)
-    mask_k = _choice("mask", mask, _MASKS)
-    if pass_ != _PASS_UPDATE and variance_k == 1 and sq_sums is None:
-        raise ValueError("fused_cpu: variance='microbatch' needs sq_sums")
-    with_g = pass_ != _PASS_UPDATE or signal_k == 1
-    key = ptrs.tobytes()
-    plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
-                 sq_sums if use_sq else None, row_lens, key, not with_g)
-    if with_g:
-        if not _grads_ok(grads, plan, n):
-            _plans.clear()  # a resized parameter, or a wrong gradient: check everything again
-            plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
-                         sq_sums if use_sq else None, row_lens, key, False)
-            if not _grads_ok(grads, plan, n):
-                _check_list("grads", grads, n, [(d,) for d in plan.pdtypes], plan.numels)  # names the culprit
-                raise ValueError("fused_cpu: grads do not match the parameters")  # pragma: no cover
+    call = _common.prepare("fused_cpu", "Q", pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors,
+                           sq_sums, row_lens, variance, signal, mask, make_plan=_plan, plans=_plans,
+                           grads_ok=_grads_ok, check_list=_check_list, name_bad_grad=_name_bad_grad)
+    n, use_p0, ptrs, plan, with_g = call.n, call.use_p0, call.ptrs, call.plan, call.with_g
+    variance_k, signal_k, mask_k = call.variance, call.signal, call.mask
+    if with_g:  # the gradients' pointers come last (p, m, v, s, p0, sq, g)
         ptrs.extend(map(_ptr, grads))
     else:
         ptrs.frombytes(bytes(8 * n))

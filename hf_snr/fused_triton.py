@@ -83,7 +83,7 @@ def _choice(name, value, table):
 
 def _rows(row_lens, params, numels):
     return _common.rows("fused_triton", row_lens, params, numels)
-_PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = 0, 1, 2
+_PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = _common.PASS_FULL, _common.PASS_MOMENTS, _common.PASS_UPDATE
 _NSTATS = 5
 
 _F32, _BF16 = torch.float32, torch.bfloat16
@@ -469,30 +469,15 @@ def _device_ok(dev: torch.device) -> bool:
 
 
 def _check_list(name, ts, n, dtypes, numels, device=None):
-    """Check a list of tensors; returns their dtypes."""
-    if ts is None or len(ts) != n:
-        raise ValueError(f"fused_triton: {name} must be a list of {n} tensors (got {None if ts is None else len(ts)})")
-    for i, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"fused_triton: {name}[{i}] is {type(t).__name__}, not a tensor")
+    """Check a list of tensors (on a CUDA device, or the interpreter's CPU; on ``device`` when given)."""
+    def problem(t):
         if not _device_ok(t.device):
-            raise ValueError(f"fused_triton: {name}[{i}] is on {t.device}, expected a CUDA tensor")
+            return "expected a CUDA tensor"
         if device is not None and t.device != device:
-            raise ValueError(f"fused_triton: {name}[{i}] is on {t.device}, the parameters on {device}")
-        wanted = dtypes[i] if isinstance(dtypes, list) else dtypes
-        if t.dtype not in wanted:
-            raise ValueError(f"fused_triton: {name}[{i}] has dtype {t.dtype}, expected "
-                             f"{' or '.join(str(d) for d in wanted)}")
-        if t.layout != torch.strided or t.is_quantized:
-            raise ValueError(f"fused_triton: {name}[{i}] must be a dense tensor")
-        if not t.is_contiguous():
-            raise ValueError(f"fused_triton: {name}[{i}] is not contiguous (shape {tuple(t.shape)}, "
-                             f"stride {t.stride()})")
-        if numels is not None and t.numel() != numels[i]:
-            raise ValueError(f"fused_triton: {name}[{i}] has {t.numel()} elements, its parameter {numels[i]}")
-    return [t.dtype for t in ts]
+            return f"the parameters on {device}"
+        return None
 
-
+    return _common.check_list("fused_triton", name, ts, n, dtypes, numels, problem)
 
 
 _to_dev = _common.to_device
@@ -523,23 +508,8 @@ def _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums, row_lens, p
         if p.device != dev:
             raise ValueError(f"fused_triton: params[{i}] is on {p.device}, params[0] on {dev}")
     plan = _Plan()
-    plan.numels = numels
-    plan.pdtypes = pd
-    plan.pdtype = pd[0] if len(set(pd)) == 1 else None
     plan.device = dev
-    plan.has_rows = row_lens is not None
-    if row_lens is not None:
-        rl, nrows = _rows(row_lens, params, numels)
-        off = [0]
-        for r in nrows:
-            off.append(off[-1] + r)
-        plan.rows = off[-1]
-    else:
-        rl = nrows = off = None
-        plan.rows = 0
-    sigs: dict = {}
-    for i in range(n):
-        sigs.setdefault((pd[i] == _BF16, sd[i] == _BF16, p0d[i] == _BF16), []).append(i)
+    (rl, nrows, off), sigs = _common.plan_layout("fused_triton", plan, params, numels, pd, sd, p0d, row_lens)
     # items: (local tensor index, start, end, row); element items (BLOCK chunks of each tensor), and,
     # with rows, row items (chunks of each row) for the row sums of moments(). An item is `span`
     # elements (`span // BLOCK` blocks, one program walking them in order), more than one block
@@ -602,19 +572,17 @@ def _sub_ptrs(ptrs_bytes, n, j, idx):
     return [a[j * n + i] for i in idx]
 
 
+def _on_plan_device(grads, plan) -> bool:
+    dev = plan.device
+    return all(g.device == dev for g in grads)
+
+
 def _grads_ok(grads, plan, n):
-    if grads is None or len(grads) != n:
-        raise ValueError(f"fused_triton: grads must be a list of {n} tensors")
-    try:
-        dev = plan.device
-        if not (all(g.device == dev for g in grads) and all(map(_contig, grads))
-                and list(map(_numel, grads)) == plan.numels):
-            return False
-        if plan.pdtype is not None:
-            return set(map(_dtype, grads)) <= {plan.pdtype}
-        return list(map(_dtype, grads)) == plan.pdtypes
-    except (TypeError, AttributeError):  # not a tensor
-        return False
+    return _common.grads_match("fused_triton", grads, plan, n, _on_plan_device)
+
+
+def _name_bad_grad(grads, plan):
+    _check_list("grads", grads, len(grads), [(d,) for d in plan.pdtypes], plan.numels, plan.device)
 
 
 _SCALAR_NAMES = ("bc1", "bc2", "bcr", "noise_scale", "gate_open")
@@ -669,28 +637,11 @@ def _run(pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, *, anchors=None,
     if not _probing and not available():
         raise RuntimeError(f"fused_triton is unavailable: {unavailable_reason()}")
     kernel, rowsum = _get_kernels()
-    n = len(params)
-    use_p0 = anchors is not None and pass_ != _PASS_MOMENTS
-    use_sq = sq_sums is not None and pass_ != _PASS_UPDATE
-    ptrs = _common.state_pointers("fused_triton", "q", params, exp_avgs, exp_avg_sqs, exp_vars, anchors, sq_sums,
-                                  use_p0, use_sq, _check_list)
-    variance_k = _choice("variance", variance, _VARIANCES)
-    signal_k = _choice("signal", signal, _SIGNALS)
-    mask_k = _choice("mask", mask, _MASKS)
-    if pass_ != _PASS_UPDATE and variance_k == 1 and sq_sums is None:
-        raise ValueError("fused_triton: variance='microbatch' needs sq_sums")
-    with_g = pass_ != _PASS_UPDATE or signal_k == 1
-    key = ptrs.tobytes()
-    plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
-                 sq_sums if use_sq else None, row_lens, key, not with_g)
-    if with_g:
-        if not _grads_ok(grads, plan, n):
-            _plans.clear()  # a resized parameter, or a wrong gradient: check everything again
-            plan = _plan(params, exp_avgs, exp_avg_sqs, exp_vars, anchors if use_p0 else None,
-                         sq_sums if use_sq else None, row_lens, key, False)
-            if not _grads_ok(grads, plan, n):
-                _check_list("grads", grads, n, [(d,) for d in plan.pdtypes], plan.numels, plan.device)
-                raise ValueError("fused_triton: grads do not match the parameters")  # pragma: no cover
+    call = _common.prepare("fused_triton", "q", pass_, params, grads, exp_avgs, exp_avg_sqs, exp_vars, anchors,
+                           sq_sums, row_lens, variance, signal, mask, make_plan=_plan, plans=_plans,
+                           grads_ok=_grads_ok, check_list=_check_list, name_bad_grad=_name_bad_grad)
+    n, use_p0, plan = call.n, call.use_p0, call.plan
+    variance_k, signal_k, mask_k, with_g = call.variance, call.signal, call.mask, call.with_g
     dev = plan.device if plan.device is not None else (  # an empty group
         torch.device("cpu") if _interpret() or not torch.cuda.is_available()
         else torch.device("cuda", torch.cuda.current_device()))
