@@ -65,6 +65,7 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    import datasets
     import torch
     import transformers
     from transformers import TrainerCallback
@@ -72,8 +73,6 @@ def main() -> None:
     import hf_snr  # noqa: F401  (optim="snr_adamw")
     from hf_snr.dpo import SNRDPOConfig, SNRDPOTrainer
     from hf_snr.synthetic import build_tiny_model, build_tiny_tokenizer, make_preference_dataset
-
-    import datasets
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -100,6 +99,7 @@ def main() -> None:
             self.marks.append((time.perf_counter(), time.process_time()))
 
     import copy
+
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     def one_run(optim: str, out: str) -> list[float]:
@@ -171,7 +171,8 @@ def main() -> None:
                / result[c]["median_step_ms"][base] for c in clocks}
     result["optimizer_step_ms"] = opt_ms
     result["implied_ratio"] = implied
-    print(f"optimizer step alone (CPU, median): SNRAdamW {opt_ms['snr_adamw']:.2f} ms, AdamW {opt_ms['adamw_torch']:.2f} "
+    print(f"optimizer step alone (CPU, median): SNRAdamW {opt_ms['snr_adamw']:.2f} ms, "
+          f"AdamW {opt_ms['adamw_torch']:.2f} "
           f"ms -> implied whole-step ratio {implied['cpu']:.4f} (CPU) / {implied['wall']:.4f} (wall)")
     print(f"RESULT implied_ratio={implied['cpu']:.4f}")
     if args.json:
@@ -183,13 +184,12 @@ def optimizer_step_ms(model0, logging_steps: int, rounds: int = 30, steps: int =
                       fused_adamw: bool = False) -> dict[str, float]:
     """Median CPU milliseconds of one optimizer step, SNRAdamW (with these optim_args) vs torch AdamW, on copies of
     the model's parameters (variance=microbatch is timed as variance=ema: fixed gradients have no micro-batches)."""
-    from hf_snr.options import parse_optim_args
-
     import copy
 
     import torch
 
     from hf_snr import SNRAdamW
+    from hf_snr.options import parse_optim_args
 
     gen = torch.Generator().manual_seed(0)
     models = {k: copy.deepcopy(model0) for k in ("snr_adamw", "adamw_torch")}

@@ -87,7 +87,8 @@ def main():
     bench = os.path.join(args.out, "bench.jsonl")
     for size in args.sizes:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "optimizer_step.py"), "--device", "cuda",
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "optimizer_step.py"),
+                               "--device", "cuda",
                                "--size", str(size), "--steps", str(args.steps), "--threads", "0", "--no_per_tensor",
                                "--json", bench], cwd=ROOT, capture_output=True, text=True)
         print(proc.stdout.split("\n\n")[1] if "\n\n" in proc.stdout else proc.stdout, flush=True)

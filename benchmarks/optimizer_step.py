@@ -45,7 +45,7 @@ rate it read them at: in fp32 on one core all read at the same rate, so the time
 of those bytes (AdamW 16, SNRAdamW 20, and 24 with the default non-finite check, which must read the
 gradients before anything is written). On a machine shared with other jobs, prefer --threads 1: with several threads every op waits for
 all of them, and a descheduled thread stalls each of the ~20 ops per block.
-"""
+"""  # noqa: E501 (a line of the docstring: rewrapping it would change __doc__)
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ def fold_device_skips(snr_state: dict, taken: tuple[int, int, int], states, limi
             st["device_skips"].zero_()
     snr_state["steps"] -= skipped
     snr_state["skipped_steps"] += skipped
-    warnings.warn(f"SNRAdamW skipped {skipped} of the last {attempts} optimizer step(s) on the device: non-finite "
+    warnings.warn(f"SNRAdamW skipped {skipped} of the last {attempts} optimizer step(s) on the device: non-finite "  # noqa: B028 (stacklevel would move the reported location)
                   f"gradient ({snr_state['skipped_steps']} skipped so far, the last "
                   f"{snr_state['consecutive_skips']} in a row; nonfinite='skip')", RuntimeWarning)
     check_limit(snr_state, limit, snr_state["steps"] + snr_state["skipped_steps"])

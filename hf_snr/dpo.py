@@ -424,7 +424,7 @@ class SNRDPOTrainer(DPOTrainer):
         for key, value in zip(("rewards/chosen", "rewards/rejected"), ours):
             logged = self._metrics[mode].get(key)
             if not logged:
-                warnings.warn(f"SNRDPOTrainer: TRL logged no {key!r}; cannot cross-check rewards/drift and noise/*")
+                warnings.warn(f"SNRDPOTrainer: TRL logged no {key!r}; cannot cross-check rewards/drift and noise/*")  # noqa: B028 (stacklevel would move the reported location)
                 return
             if not abs(value - logged[-1]) <= rel * (1.0 + abs(logged[-1])):
                 raise RuntimeError(

@@ -249,7 +249,9 @@ def validate_hparams(hp: dict[str, Any], where: str = "") -> None:
         value = hp[name] = normalize(name, hp[name])
         _auto_outside_trainer(name, value, loc)
         if name == "lr" and hasattr(value, "numel") and value.numel() != 1:
-            raise OptionError(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(value.shape)}{loc}")
+            raise OptionError(
+                f"Invalid learning rate: tensor lr must have one element, got shape {tuple(value.shape)}{loc}"
+            )
         if name == "betas" and isinstance(value, (tuple, list)) and len(value) == 2:
             for i, b in enumerate(value):
                 if not _unit(b):
@@ -405,7 +407,8 @@ def _parse(raw: dict[str, Any]) -> SNROptions:
             values[name] = typed
         except (ValueError, TypeError, re.error) as err:
             raise OptionError(
-                f"Invalid optim_args value {key}={value!r} for optim='{SNR_OPTIM_NAME}' (accepted: {opt.accepted}): {err}"
+                f"Invalid optim_args value {key}={value!r} for optim='{SNR_OPTIM_NAME}' "
+                f"(accepted: {opt.accepted}): {err}"
             ) from None
     options = SNROptions(**values)
     check_combination(options.optimizer_kwargs(), where=f"optim_args for optim='{SNR_OPTIM_NAME}'")
@@ -449,4 +452,7 @@ def finite_data_alpha(n_examples: int | None, effective_batch: int, epochs: floa
     if effective_batch >= n_examples:
         return 1.0, f"full-batch training (b={effective_batch} >= n={n_examples}): b/(n-b) diverges, alpha = 1 kept"
     alpha = effective_batch / (n_examples - effective_batch)
-    return alpha, f"{epochs:g} passes over n={n_examples} examples with effective batch b={effective_batch}: alpha = b/(n-b) = {alpha:.4g}"
+    return alpha, (
+        f"{epochs:g} passes over n={n_examples} examples with effective batch b={effective_batch}: "
+        f"alpha = b/(n-b) = {alpha:.4g}"
+    )

@@ -135,7 +135,8 @@ class GrokkingArguments:
             bad("operation", f"one of {', '.join(OPERATIONS)}")
         if self.optim not in OPTIMIZERS:
             bad("optim", f"one of {', '.join(OPTIMIZERS)}")
-        if isinstance(self.prime, bool) or not isinstance(self.prime, int) or self.prime < 3 or not _is_prime(self.prime):
+        if (isinstance(self.prime, bool) or not isinstance(self.prime, int) or self.prime < 3
+                or not _is_prime(self.prime)):
             bad("prime", "a prime >= 3")
         if not (isinstance(self.train_fraction, (int, float)) and 0.0 < self.train_fraction < 1.0):
             bad("train_fraction", "a number in (0, 1), exclusive")

@@ -141,7 +141,8 @@ class NoisyDPOArguments(ScriptArguments):
         default=0,
         metadata={"help": "Before DPO: this many steps of plain causal-LM training (SFT) of the policy on the training "
                           "pairs' texts (prompt + chosen and prompt + rejected; labels unused), then the SFT model is "
-                          "both the DPO starting point and the (frozen) reference (with --use_peft: the adapter trains on top of "
+                          "both the DPO starting point and the (frozen) reference (with --use_peft: the adapter "
+                          "trains on top of "
                           "the SFT weights, the reference is the adapter disabled). 0: no SFT stage."},
     )
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "SFT stage: AdamW learning rate (constant)."})

@@ -27,7 +27,8 @@ def _load(name):
 
 
 def test_expected_files():
-    assert set(YAMLS) >= {"single_gpu.yaml", "multi_gpu.yaml", "fsdp2.yaml", "zero2.yaml", "zero3.yaml", "cpu_2proc.yaml"}
+    assert set(YAMLS) >= {"single_gpu.yaml", "multi_gpu.yaml", "fsdp2.yaml", "zero2.yaml", "zero3.yaml",
+                          "cpu_2proc.yaml"}
     assert (CONFIGS / "ds_zero2.json").is_file() and (CONFIGS / "ds_zero3.json").is_file()
 
 
@@ -86,7 +87,8 @@ def test_deepspeed_configs(name, stage):
     assert js["zero_allow_untested_optimizer"] is True
     assert js["zero_optimization"]["stage"] == stage
     assert js["bf16"]["enabled"] == "auto"  # precision follows the training arguments
-    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                "gradient_clipping"):
         assert js[key] == "auto"
 
 

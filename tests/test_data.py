@@ -59,10 +59,12 @@ def test_content_swapped_exactly_on_marked_rows():
         if after["label_flipped"]:
             assert (after["chosen"], after["rejected"]) == (before["rejected"], before["chosen"])
             # Per-side columns move with their side.
-            assert (after["score_chosen"], after["score_rejected"]) == (before["score_rejected"], before["score_chosen"])
+            assert (after["score_chosen"], after["score_rejected"]) == (before["score_rejected"],
+                                                                        before["score_chosen"])
         else:
             assert (after["chosen"], after["rejected"]) == (before["chosen"], before["rejected"])
-            assert (after["score_chosen"], after["score_rejected"]) == (before["score_chosen"], before["score_rejected"])
+            assert (after["score_chosen"], after["score_rejected"]) == (before["score_chosen"],
+                                                                        before["score_rejected"])
         assert (after["prompt"], after["other"]) == (before["prompt"], before["other"])
     assert ds.column_names == _standard(50).column_names  # input untouched
 
@@ -73,7 +75,8 @@ def test_conversational():
     assert sum(out["label_flipped"]) == 10
     assert out.features["chosen"] == ds.features["chosen"]
     for before, after in zip(ds, out):
-        expected = (before["rejected"], before["chosen"]) if after["label_flipped"] else (before["chosen"], before["rejected"])
+        expected = ((before["rejected"], before["chosen"]) if after["label_flipped"]
+                    else (before["chosen"], before["rejected"]))
         assert (after["chosen"], after["rejected"]) == expected
         assert after["prompt"] == before["prompt"]
 

@@ -133,7 +133,8 @@ def test_cdpo_reference_formula():
     beta = 0.5
     assert torch.equal(cdpo_loss(delta, beta, 0.0), -F.logsigmoid(beta * delta))
     eps = 0.2
-    hand = torch.tensor([-(1 - eps) * math.log(1 / (1 + math.exp(-beta * d))) - eps * math.log(1 / (1 + math.exp(beta * d)))
+    hand = torch.tensor([-(1 - eps) * math.log(1 / (1 + math.exp(-beta * d)))
+                         - eps * math.log(1 / (1 + math.exp(beta * d)))
                          for d in delta.tolist()])
     torch.testing.assert_close(cdpo_loss(delta, beta, eps), hand)
     # the identity the trainer uses: cDPO = sigmoid loss + eps * beta * delta
@@ -202,7 +203,9 @@ def test_metrics_pool_counts_not_batch_ratios(tmp_path):
     assert log["noise/flipped_fit"] == pytest.approx(1 / 4)  # an average of batch ratios would say 1/2
     assert log["noise/clean_fit"] == pytest.approx((0 + 0.5) / 2)  # the tie counts 1/2
     assert log["noise/flipped_margin"] == pytest.approx((0.2 - 0.3 - 0.1 - 0.4) / 4)
-    assert log["rewards/drift"] == pytest.approx((0.3 + 0.1 + 0.1 + 0.2 + 0.2 + 0.1 + 0.0 + 0.1 + 0.4 + 0.0 + 0.5 + 0.5) / 12)
+    assert log["rewards/drift"] == pytest.approx(
+        (0.3 + 0.1 + 0.1 + 0.2 + 0.2 + 0.1 + 0.0 + 0.1 + 0.4 + 0.0 + 0.5 + 0.5) / 12
+    )
     assert trainer._pair_sums["train"] == {}
 
 

@@ -5,10 +5,9 @@ import warnings
 
 import pytest
 import torch
+from test_gate_options import K_MICRO, OPTION_SETS, _feed, _mixed, resume_matches_straight
 
 from hf_snr import SNRAdamW, fused_cpu
-
-from test_gate_options import K_MICRO, OPTION_SETS, _feed, _mixed, resume_matches_straight
 
 needs_kernel = pytest.mark.skipif(not fused_cpu.available(), reason=f"no C kernel: {fused_cpu.unavailable_reason()}")
 
@@ -253,7 +252,7 @@ for opts in ({}, dict(reduction="row", noise="ema"), dict(decay_to="init", mask=
     assert fused.snr_state["steps"] == ref.snr_state["steps"] == 8
     assert all("device_skips" not in st for st in fused.state_dict()["state"].values())
 print("TRITON-WIRING-OK")
-"""
+"""  # noqa: E501 (a line of the code this string runs: rewrapping it would change the string)
 
 
 @pytest.mark.slow

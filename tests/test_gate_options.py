@@ -208,7 +208,9 @@ def test_resume_equals_a_straight_run(name, tmp_path):
 # The pure-noise cases, their derived values and the measurement live in benchmarks/pure_noise_gate.py (the
 # README's table); this test holds the measurement to the derivation.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from pure_noise_gate import CASES as PURE_NOISE_CASES, C, mask_mean as _mask_mean_on  # noqa: E402
+from pure_noise_gate import CASES as PURE_NOISE_CASES  # noqa: E402
+from pure_noise_gate import C  # noqa: E402
+from pure_noise_gate import mask_mean as _mask_mean_on  # noqa: E402
 
 # tolerances: the gate's mean over 100 steps x 4000 coordinates; the EMA estimates of sigma^2 are themselves noisy
 # (rho = 0.99), which moves the mean by up to ~0.005 for the snr gate at c-scale and ~0.01 at Z^2-scale

@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
+from _snr_hf_utils import snr, tiny_llama, token_dataset, train_args
 from transformers import Trainer
 
-from _snr_hf_utils import snr, tiny_llama, token_dataset, train_args
 from hf_snr import fused_cpu
 from hf_snr.optimizer import SNRAdamW
 from hf_snr.options import DEFAULT_MAX_CONSECUTIVE_SKIPS, OptionError, parse_optim_args

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _snr_hf_utils import SNR_KEYS, snr, tiny_llama, token_dataset, train_args, train_logs
 from datasets import Dataset, IterableDataset
+from test_dpo import make_args, make_trainer
 from transformers import Trainer
 
 import hf_snr  # noqa: F401  (registers optim="snr_adamw")
 from hf_snr.data import swap_preferences
 from hf_snr.dpo import _FlagCollator
-
-from _snr_hf_utils import SNR_KEYS, snr, tiny_llama, token_dataset, train_args, train_logs
-from test_dpo import make_args, make_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

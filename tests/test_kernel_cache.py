@@ -32,7 +32,7 @@ int snr_abi(void) { return %(abi)d; }
 int snr_run(void *args) { (void)args; return 0; }
 int snr_nonfinite(long long n, void *a, void *b, void *c, int t) { (void)n; (void)a; (void)b; (void)c; (void)t; return 0; }
 int snr_openmp(void) { return 0; }
-"""
+"""  # noqa: E501 (a line of the C source: rewrapping it would change the string)
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import hf_snr._foreach as foreach_module  # the foreach path's block size (moved out of hf_snr.optimizer)
-from hf_snr._fused_common import mask as _mask
 from hf_snr._foreach import _foreach_mask
+from hf_snr._fused_common import mask as _mask
 from hf_snr.optimizer import SNRAdamW
 
 MASKS = ("snr", "soft", "hard")
@@ -766,7 +766,10 @@ def test_nonfinite_propagate_behaves_like_adamw(bad, foreach):
 # 9. risk statistics
 # ---------------------------------------------------------------------------------------------
 def _stats_from_state(opt):
-    """The logged statistics (docs/algorithm.md), computed directly (float64) from the optimizer's state after a step."""
+    (
+        "The logged statistics (docs/algorithm.md), computed directly (float64) from the optimizer's state "
+        "after a step."
+    )
     mask_sum = count = active = signal = noise = 0.0
     for group in opt.param_groups:
         b1, b2 = group["betas"]
@@ -837,7 +840,8 @@ def test_stats_only_when_requested_and_cumulative_noise(foreach, monkeypatch):
     import hf_snr._stats as stats_module  # where statistics are finished
 
     real = stats_module.finish
-    monkeypatch.setattr(stats_module, "finish", lambda total, steps, **kw: calls.append(total) or real(total, steps, **kw))
+    monkeypatch.setattr(stats_module, "finish",
+                        lambda total, steps, **kw: calls.append(total) or real(total, steps, **kw))
     noises = {}
     for step in range(1, 8):
         _set_grads(params, step)

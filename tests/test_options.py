@@ -7,7 +7,8 @@ import pytest
 
 from hf_snr.integration import SNRCallback, check_deepspeed_config
 from hf_snr.optimizer import DEFAULT_WARMUP_STEPS
-from hf_snr.options import OPTIM_ARGS_KEYS as OPTIONS, SNROptions, finite_data_alpha, parse_optim_args
+from hf_snr.options import OPTIM_ARGS_KEYS as OPTIONS
+from hf_snr.options import SNROptions, finite_data_alpha, parse_optim_args
 
 
 def test_every_knob_is_parsed_typed():

@@ -10,8 +10,7 @@ import pickle
 
 import pytest
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
-from transformers import trainer_optimizer
+from transformers import HfArgumentParser, Trainer, TrainingArguments, trainer_optimizer
 from transformers.training_args import OptimizerNames
 from trl import DPOConfig, SFTConfig, TrlParser
 
@@ -90,7 +89,8 @@ def test_unsupported_transformers_version_fails_loudly(monkeypatch, version):
     # module replaces itself in sys.modules while it loads, so an early import can be a stale object
     monkeypatch.setattr(registration, "_registered", False)
     monkeypatch.setattr(registration.transformers, "__version__", version)
-    with pytest.raises(SNRRegistrationError, match=rf"transformers {version}: supported versions are >=5\.0\.0,<6\.0\.0"):
+    with pytest.raises(SNRRegistrationError,
+                       match=rf"transformers {version}: supported versions are >=5\.0\.0,<6\.0\.0"):
         hf_snr.register()
 
 

@@ -42,7 +42,8 @@ def test_columns_rewards_and_eval_labels_are_true_order():
         row = split[0]
         assert row["prompt"].startswith("review of film ") and row["prompt"].endswith(" :")
         assert row["chosen"].startswith(" ") and row["chosen"].endswith(" .")
-        for c, r, rc, rr in zip(split["chosen"], split["rejected"], split["true_reward_chosen"], split["true_reward_rejected"]):
+        for c, r, rc, rr in zip(split["chosen"], split["rejected"], split["true_reward_chosen"],
+                                split["true_reward_rejected"]):
             assert (true_reward(c), true_reward(r)) == (rc, rr)
             assert rc != rr  # ties dropped
             assert 2 <= c.count(" was ") <= 4
@@ -186,7 +187,8 @@ def test_trl_dpo_smoke(tmp_path, conversational):
         processing_class=tok,
     )
     # The extra columns survive TRL's tokenisation ...
-    assert {"label_flipped", "true_reward_chosen", "prompt_ids", "chosen_ids"} <= set(trainer.train_dataset.column_names)
+    assert ({"label_flipped", "true_reward_chosen", "prompt_ids", "chosen_ids"}
+            <= set(trainer.train_dataset.column_names))
     first = trainer.train_dataset[0]
     assert tok.unk_token_id not in first["prompt_ids"] + first["chosen_ids"] + first["rejected_ids"]
     assert first["chosen_ids"][-1] == tok.eos_token_id

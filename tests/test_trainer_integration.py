@@ -7,6 +7,19 @@ import re
 
 import pytest
 import torch
+from _snr_hf_utils import (
+    SNR_KEYS,
+    LogRecorder,
+    StatsCounter,
+    sentences,
+    snr,
+    tiny_llama,
+    tiny_tokenizer,
+    token_dataset,
+    token_iterable,
+    train_args,
+    train_logs,
+)
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -14,11 +27,6 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 import hf_snr
 from hf_snr import SNRAdamW, SNRCallback, snr_optimizer_cls_and_kwargs, unwrap_optimizer
 from hf_snr.integration import SNRAdamWFactory
-
-from _snr_hf_utils import (
-    SNR_KEYS, LogRecorder, StatsCounter, sentences, snr, tiny_llama, tiny_tokenizer, token_dataset, token_iterable,
-    train_args, train_logs,
-)
 
 
 def _decay_names(model):

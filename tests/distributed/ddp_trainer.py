@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 
 def main() -> None:
@@ -32,9 +31,10 @@ def main() -> None:
     cli = ap.parse_args()
     out = Path(cli.out)
 
-    import hf_snr  # noqa: F401  (registers optim="snr_adamw")
     from accelerate.utils import DistributedType
     from transformers import TrainingArguments
+
+    import hf_snr  # noqa: F401  (registers optim="snr_adamw")
 
     args = TrainingArguments(use_cpu=True, **_common.trainer_args_kwargs(str(out / f"trainer_world{cli.world}"),
                                                                           cli.per_device))

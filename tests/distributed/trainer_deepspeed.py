@@ -31,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 
 def ds_config(stage: int) -> dict:
@@ -151,9 +150,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     _common.disable_deepspeed_shm_comm()
-    import hf_snr  # noqa: F401  (registers optim="snr_adamw")
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    import hf_snr  # noqa: F401  (registers optim="snr_adamw")
 
     assert int(os.environ.get("WORLD_SIZE", "1")) == 1
 
