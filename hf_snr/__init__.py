@@ -37,6 +37,8 @@ _LAZY = {
     "DPO_METRICS": "dpo",
     "cdpo_loss": "dpo",
     "swap_preferences": "data",
+    "MemorizationStoppingCallback": "monitor",
+    "MemorizationRule": "monitor",
 }
 
 

@@ -112,7 +112,7 @@ def _device_scalars(args: StepArgs, t: GroupTensors, found_inf: torch.Tensor) ->
         cols["noise_scale"] = (1 - beta1) * (1 + b1t) / ((1 + beta1) * (1 - b1t))
     else:
         cols["noise_scale"] = 1.0
-    cols["open"] = (var_t <= args.warmup_steps).float() if args.gated else True
+    cols["open"] = (var_t <= args.warmup_steps).float() if args.gated and not args.ungated else True
     return cols
 
 
@@ -156,7 +156,7 @@ def update(t: GroupTensors, phase: Phase, *, args: StepArgs, want_stats: bool = 
     lists = _lists(t)
     anchors = None if all(a is None for a in t.anchors) else [local(a) for a in t.anchors]
     common = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, bc1=cols["bc1"], bc2=cols["bc2"],
-                  bcr=cols["bcr"], alpha=args.alpha, softness=args.softness, c=args.c, mask=args.mask,
+                  bcr=cols["bcr"], alpha=args.alpha, softness=args.softness, c=args.c, mask=args.kernel_mask,
                   signal=args.signal, noise_scale=cols["noise_scale"], anchors=anchors, gate_open=cols["open"],
                   want_stats=want_stats, **flag)
     if check:
@@ -165,7 +165,7 @@ def update(t: GroupTensors, phase: Phase, *, args: StepArgs, want_stats: bool = 
         out = k.step(*lists, beta1=args.beta1, beta2=args.beta2, rho=args.rho, variance=args.variance,
                      **_micro(t, mb), **common)
     else:
-        q_rows = torch.cat([gate_mask(args.mask, sm[:, 0].float(), sm[:, 1].float(), args.alpha, args.softness,
+        q_rows = torch.cat([gate_mask(args.kernel_mask, sm[:, 0].float(), sm[:, 1].float(), args.alpha, args.softness,
                                       args.c) for sm in phase.sums]).contiguous()
         out = k.update(*lists, q_rows=q_rows, row_lens=args.reduction, **common)
     if flag and mb:  # a step skipped on the device left the micro-batch sums: they do not carry over

@@ -74,6 +74,8 @@ def finish(total: torch.Tensor, steps: int, *, group, snr_state: dict, read_devi
         "signal": s["signal"],
         "noise": s["noise"],
         "population_gain": s["signal"] - s["noise"],
+        # the learning rate cancels (both carry u = lr q / denom): comparable across a schedule's steps
+        "noise_to_signal": s["noise"] / s["signal"] if s["signal"] > 0 else float("nan"),
         "cumulative_noise": snr["cumulative_noise"],
         "skipped_steps": float(snr["skipped_steps"]),
     }

@@ -53,7 +53,8 @@ class StepArgs:
     signal: str
     variance: str
     warmup_steps: int
-    gated: bool        # the group's snr= (False: plain AdamW, the gate always open)
+    gated: bool        # the group's snr= (False: plain AdamW, the gate always open, no mask statistics)
+    ungated: bool      # mask="none": the gate always open (AdamW's step), the statistics still computed
     anchored: bool     # decay_to="init" with a non-zero weight decay: decay toward p0
 
     @classmethod
@@ -66,14 +67,19 @@ class StepArgs:
             rho=group["rho"], mask=group["mask"], alpha=alpha, softness=softness,
             c=min(group["softness"] * group["alpha"], FP32_MAX), reduction=group["reduction"],
             noise=group["noise"], signal=group["signal"], variance=group["variance"],
-            warmup_steps=group["warmup_steps"], gated=group["snr"],
+            warmup_steps=group["warmup_steps"], gated=group["snr"], ungated=group["mask"] == "none",
             anchored=group["decay_to"] == "init" and group["weight_decay"] != 0.0,
         )
 
     @property
     def reduced(self) -> bool:
         """Row or tensor gates: the moments phase returns sums, the gate comes from them."""
-        return self.gated and self.reduction in ("tensor", "row")
+        return self.gated and not self.ungated and self.reduction in ("tensor", "row")
+
+    @property
+    def kernel_mask(self) -> str:
+        """The mask the fused kernels are told (mask="none" runs them with the gate open: the kind is never read)."""
+        return "snr" if self.ungated else self.mask
 
 
 @dataclass
@@ -113,7 +119,7 @@ def tensor_scalars(args: StepArgs, t: float, var_start: float) -> dict[str, Any]
     return dict(
         bc1=1 - args.beta1**t, bc2=1 - args.beta2**t, bcr=1 - args.rho ** var_t,
         noise_scale=ema_noise_scale(t, args.beta1) if args.noise == "ema" else 1.0,
-        open=(not args.gated) or var_t <= args.warmup_steps,
+        open=(not args.gated) or args.ungated or var_t <= args.warmup_steps,
     )
 
 

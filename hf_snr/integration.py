@@ -49,6 +49,8 @@ SNR_METRICS = {
     "snr/memorization_rate": "alpha sum_k u_k sigma_k^2: the part of that drop that is noise, per step (a diagnostic, "
                              "not a population-risk estimate)",
     "snr/signal_minus_noise": "signal - memorization_rate, per step",
+    "snr/noise_to_signal": "memorization_rate / signal: the noise share of the step's first-order loss drop (the "
+                           "learning rate cancels, so it is comparable across a schedule)",
 }
 
 
@@ -297,6 +299,7 @@ class SNRCallback(TrainerCallback):
                 "snr/signal": s["signal"],
                 "snr/memorization_rate": s["noise"],
                 "snr/signal_minus_noise": s["population_gain"],
+                "snr/noise_to_signal": s["noise_to_signal"],
             })
         out.update(self.skip_metrics())
         if out and self._alpha_note is not None:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 SNR_OPTIM_NAME = "snr_adamw"
 
-MASKS = ("snr", "soft", "hard")
+MASKS = ("snr", "soft", "hard", "none")
 REDUCTIONS = ("element", "row", "tensor")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 NOISE_SCALES = ("step", "ema")
@@ -154,7 +154,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     # the SNR knobs: also settable through optim_args
     _opt("mask", "str", "snr", f"one of {', '.join(MASKS)}", _one_of(MASKS),
          "gate shape: snr q = mu2/(mu2 + softness*alpha*sigma2), never closed; soft (the paper's Algorithm 1) "
-         "zero below mu2 = alpha*sigma2; hard 0/1", _to_str, label="mask"),
+         "zero below mu2 = alpha*sigma2; hard 0/1; none: no gate, AdamW's exact step, the statistics still logged "
+         "(a memorization monitor on a plain AdamW run)", _to_str, label="mask"),
     _opt("softness", "float", 1.0, "a finite number >= 0", _finite_ge0,
          "scales the noise term; tune over 0.3, 1, 3, 10", _to_float),
     _opt("alpha", "float | 'auto'", 1.0, "a finite number >= 0, or 'auto'", _finite_ge0,
@@ -267,6 +268,11 @@ def check_combination(hp: dict[str, Any], where: str = "") -> None:
     if hp.get("fused") and hp.get("foreach"):
         raise OptionError("Invalid combination fused=True with foreach=True" + loc + ": choose one implementation "
                           "(fused=True, or foreach=True/None with fused=False)")
+    if hp.get("mask") == "none" and hp.get("reduction", "element") != "element":
+        raise OptionError(
+            f"Invalid combination mask='none' with reduction={hp.get('reduction')!r}" + loc + ": mask='none' has no "
+            "gate to reduce (the step is AdamW's); leave reduction at 'element'"
+        )
     if hp.get("signal") == "step" and hp.get("noise") == "ema":
         raise OptionError(
             "Invalid combination signal='step' with noise='ema'" + loc + ": signal='step' tests one step's gradient, "

@@ -97,6 +97,12 @@ class NoisyDPOArguments(ScriptArguments):
         metadata={"help": "When the data has no test split: hold out this many training pairs (seeded, before the "
                           "noise) as the clean evaluation set."},
     )
+    noisy_val_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this share of the (noisy, swapped) training pairs as a validation split, as a user "
+                          "without clean labels has: it is evaluated beside the clean split at every evaluation "
+                          "(noisyval_* metrics) and never trained on. 0: off."},
+    )
     train_pairs: int | None = field(
         default=None,
         metadata={"help": "synthetic: number of training pairs generated (default 2000). Other data: keep the first "
@@ -439,6 +445,22 @@ def check_world_size(trainer, expected: int | None) -> None:
             raise RuntimeError(f"--expect_world_size {expected}: an all-reduce over the group counted {total}")
 
 
+def _rename_eval_keys(entry: dict[str, Any]) -> dict[str, Any]:
+    """The log entry of the clean split keeps the usual eval_* names (eval_clean_X -> eval_X); in the entry of the
+    noisy validation split every eval key becomes noisyval_* (TRL logs its own metrics there as eval_X too)."""
+    noisy = any(k.startswith("eval_noisyval_") for k in entry)
+    out = {}
+    for key, value in entry.items():
+        if key.startswith("eval_clean_"):
+            key = "eval_" + key[len("eval_clean_"):]
+        elif key.startswith("eval_noisyval_"):
+            key = "noisyval_" + key[len("eval_noisyval_"):]
+        elif noisy and key.startswith("eval_"):
+            key = "noisyval_" + key[len("eval_"):]
+        out[key] = value
+    return out
+
+
 def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """The last value of every eval_* metric and of every train metric in ``log_history``."""
     out: dict[str, float] = {}
@@ -501,6 +523,14 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     train, test = load_preference_data(script_args)
     if script_args.noise_rate:
         train = swap_preferences(train, script_args.noise_rate, seed=script_args.noise_seed)
+    noisy_val = None
+    if script_args.noisy_val_fraction:
+        if not 0.0 < script_args.noisy_val_fraction < 1.0:
+            raise ValueError(f"Invalid noisy_val_fraction: {script_args.noisy_val_fraction!r} (accepted: (0, 1), or 0 "
+                             "for none)")
+        parts = train.train_test_split(test_size=script_args.noisy_val_fraction, seed=script_args.noise_seed + 1,
+                                       shuffle=True)
+        train, noisy_val = parts["train"], parts["test"]
     if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
         test = None
     elif test is None:
@@ -558,13 +588,16 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
             print(f"noisy_dpo: SFT {sft['steps']} steps, LM loss {sft['loss_before']:.3f} -> {sft['loss_after']:.3f} "
                   f"nats/token ({sft['wall_time_s']:.1f} s)")
     # quiet: TRL's reference-log-prob bars (at construction and at evaluation) read TQDM_DISABLE at call time
+    # with a noisy validation split both are evaluated (Trainer's dict of eval sets: eval_clean_* and eval_noisyval_*
+    # keys, renamed below to the usual eval_* and noisyval_*)
+    evals = test if noisy_val is None or test is None else {"clean": test, "noisyval": noisy_val}
     with _env("TQDM_DISABLE", "1" if quiet else None):
         trainer = SNRDPOTrainer(
             model=model,
             ref_model=ref_model,
             args=training_args,
             train_dataset=train,
-            eval_dataset=test,
+            eval_dataset=evals,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
             callbacks=callbacks,
@@ -579,6 +612,8 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     if script_args.save_model:
         trainer.save_model(training_args.output_dir)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    if isinstance(evals, dict):
+        trainer.state.log_history = [_rename_eval_keys(h) for h in trainer.state.log_history]
 
     results = {
         "args": {"script": asdict(script_args), "model": asdict(model_args),
@@ -587,6 +622,7 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         "train_pairs": len(train),
         "flipped_pairs": int(sum(train["label_flipped"])) if "label_flipped" in train.column_names else 0,
         "eval_pairs": len(test) if test is not None else 0,
+        "noisy_val_pairs": len(noisy_val) if noisy_val is not None else 0,
         "wall_time_s": wall,
         "cpu_time_s": cpu,  # this process's CPU time: a load-independent cost on a shared machine
         "sft": sft,
