@@ -68,14 +68,16 @@ def finish(total: torch.Tensor, steps: int, *, group, snr_state: dict, read_devi
     snr["cumulative_noise"] += s["noise"] * interval
     snr["last_stats_step"] = steps
     count = s["mask_count"]
-    return {
+    out = {
         "mask_mean": s["mask_sum"] / count if count > 0 else 1.0,
         "active_fraction": s["active_count"] / count if count > 0 else 1.0,
         "signal": s["signal"],
         "noise": s["noise"],
         "population_gain": s["signal"] - s["noise"],
-        # the learning rate cancels (both carry u = lr q / denom): comparable across a schedule's steps
-        "noise_to_signal": s["noise"] / s["signal"] if s["signal"] > 0 else float("nan"),
         "cumulative_noise": snr["cumulative_noise"],
         "skipped_steps": float(snr["skipped_steps"]),
     }
+    if s["signal"] > 0:  # (undefined when no coordinate moved: absent then, never nan)
+        # the learning rate cancels (both carry u = lr q / denom): comparable across a schedule's steps
+        out["noise_to_signal"] = s["noise"] / s["signal"]
+    return out

@@ -299,8 +299,9 @@ class SNRCallback(TrainerCallback):
                 "snr/signal": s["signal"],
                 "snr/memorization_rate": s["noise"],
                 "snr/signal_minus_noise": s["population_gain"],
-                "snr/noise_to_signal": s["noise_to_signal"],
             })
+            if "noise_to_signal" in s:  # (absent when the step moved nothing: signal 0)
+                out["snr/noise_to_signal"] = s["noise_to_signal"]
         out.update(self.skip_metrics())
         if out and self._alpha_note is not None:
             out["snr/alpha"] = self._alpha_note

@@ -43,7 +43,7 @@ def test_training_arguments_accept_the_name_in_an_interpreter_that_never_imports
             print("REFUSED", err)
     """))
     assert "OPTIM snr_adamw" in out
-    assert re.search(r"REFUSED Invalid optim_args value mask='medium'.*one of snr, soft, hard", out), out
+    assert re.search(r"REFUSED Invalid optim_args value mask='medium'.*one of snr, soft, hard, none", out), out
 
 
 def test_the_switch_turns_the_hook_off(tmp_path):

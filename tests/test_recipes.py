@@ -253,6 +253,10 @@ def test_two_process_launch(tmp_path):
            "--config", TINY, *SMALL, "--expect_world_size", "2", "--output_dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo's destructor can abort a worker at interpreter exit, after the run has finished (seen once in
+        # several suite runs; not reproducible alone): launch once more, and the second run must pass as it is
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
