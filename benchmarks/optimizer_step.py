@@ -91,6 +91,7 @@ def contestants(params, per_tensor: bool = True):
         "SNRAdamW fused": SNRAdamW(params, fused=True, **snr),
         "SNRAdamW fused, nonfinite=propagate": SNRAdamW(params, fused=True, nonfinite="propagate", **snr),
         "SNRAdamW fused, bf16 variance": SNRAdamW(params, fused=True, state_dtype="bfloat16", **snr),
+        "SNRAdamW fused, mask=none (monitor)": SNRAdamW(params, fused=True, mask="none", **snr),
         "SNRAdamW foreach": SNRAdamW(params, foreach=True, **snr),
         "AdamW foreach": torch.optim.AdamW(params, foreach=True, **hp),
         "AdamW fused": torch.optim.AdamW(params, fused=True, **hp),
@@ -138,6 +139,7 @@ def read_bytes(name: str, dtype_name: str) -> int | None:
         "SNRAdamW fused": 2 * w + 12 + w,
         "SNRAdamW fused, nonfinite=propagate": 2 * w + 12,
         "SNRAdamW fused, bf16 variance": 2 * w + 10 + w,
+        "SNRAdamW fused, mask=none (monitor)": 2 * w + 12 + w,  # the gate is skipped, the variance EMA is not
         CHECK_ONLY: w,
     }
     return table.get(name)

@@ -36,7 +36,8 @@ def test_the_step_benchmark_runs_and_prints_one_json_line_per_stepper(tmp_path, 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     names = [r["name"] for r in rows]
     assert names == ["SNRAdamW fused", "SNRAdamW fused, nonfinite=propagate", "SNRAdamW fused, bf16 variance",
-                     "SNRAdamW foreach", "AdamW foreach", "AdamW fused", optimizer_step.CHECK_ONLY]
+                     "SNRAdamW fused, mask=none (monitor)", "SNRAdamW foreach", "AdamW foreach", "AdamW fused",
+                     optimizer_step.CHECK_ONLY]
     by = {r["name"]: r for r in rows}
     assert by["AdamW fused"]["time_vs_adamw_fused"] == 1.0
     for r in rows:
