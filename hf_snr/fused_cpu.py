@@ -81,17 +81,8 @@ _BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"
 # lacks them); the chosen flags are part of the cache key.
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 
-_MASKS, _SIGNALS, _VARIANCES = _common.MASKS, _common.SIGNALS, _common.VARIANCES
 _FP32_MAX = _common.FP32_MAX
 _describe = _common.describe
-
-
-def _choice(name, value, table):
-    return _common.choice("fused_cpu", name, value, table)
-
-
-def _rows(row_lens, params, numels):
-    return _common.rows("fused_cpu", row_lens, params, numels)
 _PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = _common.PASS_FULL, _common.PASS_MOMENTS, _common.PASS_UPDATE
 
 

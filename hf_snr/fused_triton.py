@@ -72,17 +72,8 @@ _TARGET_PROGRAMS = 16384  # a group of more blocks than this gives each program 
 _MAX_ITEM_BLOCKS = 64  # ...at most this many
 _NUM_WARPS = 4
 
-_MASKS, _SIGNALS, _VARIANCES = _common.MASKS, _common.SIGNALS, _common.VARIANCES
 _FP32_MAX = _common.FP32_MAX
 _describe = _common.describe
-
-
-def _choice(name, value, table):
-    return _common.choice("fused_triton", name, value, table)
-
-
-def _rows(row_lens, params, numels):
-    return _common.rows("fused_triton", row_lens, params, numels)
 _PASS_FULL, _PASS_MOMENTS, _PASS_UPDATE = _common.PASS_FULL, _common.PASS_MOMENTS, _common.PASS_UPDATE
 _NSTATS = 5
 

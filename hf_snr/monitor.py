@@ -78,7 +78,6 @@ class RuleState:
     best_step: int | None = None
     above: int = 0                  # logs in a row above (1 + rise) x best
     last_ok_step: int | None = None  # the latest candidate step not above (1 + rise) x best
-    last_step: int | None = None
     stop_step: int | None = None    # the step at which the rule said memorization dominates
     scores: dict[int, float] = field(default_factory=dict)  # step -> smoothed value
     candidates: set[int] = field(default_factory=set)       # scored steps past min_fraction, up to the stop
@@ -93,7 +92,6 @@ class RuleState:
         candidate = not max_steps or step >= self.rule.min_fraction * max_steps
         if not candidate or self.stop_step is not None:
             return self.stop_step is not None
-        self.last_step = step
         self.candidates.add(step)
         if self.best is None or self.ema < self.best:
             self.best, self.best_step, self.above = self.ema, step, 0
@@ -111,7 +109,7 @@ class RuleState:
         """The step the rule keeps (among the scored candidate steps)."""
         if self.rule.keep == "min":
             return self.best_step
-        return self.last_ok_step if self.stop_step is not None else self.last_step
+        return self.last_ok_step if self.stop_step is not None else max(self.candidates, default=None)
 
     def keeps(self, saved: Sequence[int]) -> int | None:
         """Among the saved checkpoint steps: the one the rule keeps (the latest saved at or before its step)."""

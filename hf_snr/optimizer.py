@@ -476,9 +476,9 @@ class SNRAdamW(Optimizer):
             self._device_skips.add(flag)
             return None, flag, None
         prepared = self._prepare(create=False)
-        sharded = self._stats_group() is not None
-        check = _nonfinite.kernel_check(prepared, sharded, _fused)  # folded into the first fused CPU kernel call
-        if check is None and not _nonfinite.all_finite(self.param_groups, self._stats_group()):
+        group = self._stats_group()
+        check = _nonfinite.kernel_check(prepared, group is not None, _fused)  # folded into the first kernel call
+        if check is None and not _nonfinite.all_finite(self.param_groups, group):
             return None
         return prepared, None, check
 
