@@ -54,9 +54,48 @@ def _uses_fsdp(args: TrainingArguments) -> bool:
     return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
+def _sync_each_batch(args: TrainingArguments) -> bool:
+    cfg = getattr(args, "accelerator_config", None)
+    kwargs = cfg.get("gradient_accumulation_kwargs") if isinstance(cfg, dict) else \
+        getattr(cfg, "gradient_accumulation_kwargs", None)
+    return bool((kwargs or {}).get("sync_each_batch", False))
+
+
+AGREEMENT_FSDP_FIX = (
+    "FSDP2 under gradient accumulation keeps the non-final micro-batches' gradients unsharded and unreduced "
+    "(no_sync), so no rank sees a micro-batch's whole gradient. Set "
+    "accelerator_config={'gradient_accumulation_kwargs': {'sync_each_batch': True}} (each micro-batch is then "
+    "reduce-scattered into the sharded gradient, and the agreement test costs three scalars of all-reduce)."
+)
+AGREEMENT_DEEPSPEED = (
+    "DeepSpeed accumulates micro-batch gradients in its own partition buffers and hands the optimizer only the "
+    "sum at the accumulation boundary: no micro-batch gradient reaches it. Use DDP or FSDP2."
+)
+
+
+def check_agreement(*, agreement: float | None, grad_accum: int, backend: str | None, sync_each_batch: bool) -> None:
+    """agreement=<threshold> needs k >= 2 micro-batches per step and a backend that exposes their gradients."""
+    if agreement is None:
+        return
+    if backend == "DeepSpeed":
+        raise ValueError(f"optim_args agreement={agreement:g} cannot run under DeepSpeed: " + AGREEMENT_DEEPSPEED)
+    if grad_accum < 2:
+        raise ValueError(
+            f"optim_args agreement={agreement:g} needs gradient_accumulation_steps >= 2, got {grad_accum}: it compares "
+            "the gradients of the micro-batches of one optimizer step (a micro-batch is the j-th backward pass of "
+            "all data-parallel ranks together, so ranks do not add micro-batches). Split the batch, e.g. "
+            "per_device_train_batch_size=1 with gradient_accumulation_steps=8."
+        )
+    if backend == "FSDP" and not sync_each_batch:
+        raise ValueError(f"optim_args agreement={agreement:g} under FSDP: " + AGREEMENT_FSDP_FIX)
+
+
 def check_args(args: TrainingArguments, options: SNROptions) -> None:
     """Checks that can run when the arguments are built: DeepSpeed swaps, flat-partition and backend limits."""
     ds = _deepspeed_config_of(args)
+    check_agreement(agreement=options.agreement, grad_accum=args.gradient_accumulation_steps,
+                    backend="DeepSpeed" if ds is not None else "FSDP" if _uses_fsdp(args) else None,
+                    sync_each_batch=_sync_each_batch(args))
     if options.variance == "microbatch":
         backend = "DeepSpeed" if ds is not None else "FSDP" if _uses_fsdp(args) else None
         if backend:

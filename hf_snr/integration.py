@@ -210,6 +210,7 @@ class SNRCallback(TrainerCallback):
                 "another optimizer."
             )
         self._set_process_group(real)
+        self._check_agreement(real, args)
         self._updates_per_epoch = self._steps_per_epoch(args, kwargs.get("train_dataloader"))
         if getattr(real, "alpha_auto", False):
             alpha, reason = self._auto_alpha(args, state)
@@ -219,6 +220,20 @@ class SNRCallback(TrainerCallback):
             self._alpha_note = alpha
             logger.warning("hf_snr: alpha=auto -> %.6g (%s)", alpha, reason)
         return control
+
+    def _check_agreement(self, opt: SNRAdamW, args) -> None:
+        """agreement=<threshold>: the backend must expose each micro-batch's gradient (checked again here: the
+        launcher, not the arguments, may have chosen the backend)."""
+        if opt.agreement is None:
+            return
+        from .checks import check_agreement
+
+        acc = getattr(self.trainer, "accelerator", None)
+        kind = str(getattr(getattr(acc, "distributed_type", None), "value", "")) if acc is not None else ""
+        backend = "DeepSpeed" if kind == "DEEPSPEED" else "FSDP" if kind == "FSDP" else None
+        sync_each = bool(acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)) if acc is not None else False
+        check_agreement(agreement=opt.agreement, grad_accum=args.gradient_accumulation_steps, backend=backend,
+                        sync_each_batch=sync_each)
 
     def _set_process_group(self, opt: SNRAdamW) -> None:
         acc = getattr(self.trainer, "accelerator", None)
@@ -303,6 +318,8 @@ class SNRCallback(TrainerCallback):
             if "noise_to_signal" in s:  # (absent when the step moved nothing: signal 0)
                 out["snr/noise_to_signal"] = s["noise_to_signal"]
         out.update(self.skip_metrics())
+        # the agreement filter's shares since the previous log (its first micro-batch of each step included)
+        out.update({f"snr/agreement_{k}": v for k, v in opt.agreement_stats().items()})
         if out and self._alpha_note is not None:
             out["snr/alpha"] = self._alpha_note
             self._alpha_note = None
@@ -331,4 +348,20 @@ def attach_snr(trainer: Trainer) -> SNRCallback:
         return original_log(logs, *a, **kw)
 
     trainer.log = log
+    original_training_step = trainer.training_step
+
+    def training_step(model, inputs, *a: Any, **kw: Any):
+        # agreement=<threshold>: decide each micro-batch right after its backward, before clipping and the step
+        column = getattr(trainer, "flipped_column", None)
+        flipped = inputs.get(column) if column and isinstance(inputs, dict) else None
+        flipped = flipped.detach().cpu() if isinstance(flipped, torch.Tensor) else flipped
+        loss = original_training_step(model, inputs, *a, **kw)
+        opt = callback.optimizer()
+        if opt is not None and opt.agreement is not None:
+            acc = trainer.accelerator
+            synced = bool(acc.sync_gradients or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False))
+            opt.end_microbatch(flipped=flipped, synced=synced)
+        return loss
+
+    trainer.training_step = training_step
     return callback

@@ -37,6 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _foreach, _fused, _nonfinite, _reference, _stats
+from ._agreement import AgreementFilter
 from ._checkpoint import apply_resume_rule, check_loaded_state
 from ._distributed import all_reduce, local, shard_group
 from ._microbatch import MicrobatchGradients
@@ -49,6 +50,7 @@ from .options import (
     MASKS,
     NONFINITE_POLICIES,
     REDUCTIONS,
+    _to_agreement,
     options_docstring,
     validate_hparams,
     validate_value,
@@ -120,6 +122,8 @@ class SNRAdamW(Optimizer):
         state_dtype: str = D["state_dtype"],
         nonfinite: str = D["nonfinite"],
         max_consecutive_skips: int = D["max_consecutive_skips"],
+        agreement: float | None = D["agreement"],
+        agreement_scope: str = D["agreement_scope"],
         process_group: Any = None,
     ):
         defaults = dict(
@@ -132,6 +136,14 @@ class SNRAdamW(Optimizer):
         validate_hparams(defaults)
         self.nonfinite = validate_value("nonfinite", nonfinite)
         self.max_consecutive_skips = validate_value("max_consecutive_skips", max_consecutive_skips)
+        if isinstance(agreement, str):
+            try:
+                agreement = _to_agreement(agreement)
+            except ValueError:
+                pass  # refused just below, with the accepted range
+        agreement = validate_value("agreement", agreement)
+        agreement_scope = validate_value("agreement_scope", agreement_scope)
+        self._agree = AgreementFilter(agreement, agreement_scope) if agreement is not None else None
         self.process_group = process_group
         self.snr_state = {"steps": 0, "skipped_steps": 0, "consecutive_skips": 0, "cumulative_noise": 0.0,
                           "last_stats_step": 0}  # saved in state_dict
@@ -194,7 +206,8 @@ class SNRAdamW(Optimizer):
         state.update({k: v for k, v in self.__dict__.items() if k not in state and k != "process_group"
                       and not k.startswith("_optimizer_")})  # (torch's hook dicts: re-created empty)
         state["_had_process_group"] = self.__dict__.get("process_group") is not None or \
-            ("_micro" in self.__dict__ and self._micro.group not in ("auto", None))
+            ("_micro" in self.__dict__ and self._micro.group not in ("auto", None)) or \
+            (self.__dict__.get("_agree") is not None and self._agree.group not in ("auto", None))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -247,6 +260,40 @@ class SNRAdamW(Optimizer):
     def last_microbatch_count(self) -> int | None:
         """K of the latest variance="microbatch" step (micro-batches x data-parallel ranks)."""
         return self._micro.last_count
+
+    # -- micro-batch gradient agreement ---------------------------------------------------------
+    @property
+    def agreement(self) -> float | None:
+        """The agreement filter's cosine threshold (None: off)."""
+        return None if self._agree is None else self._agree.threshold
+
+    def end_microbatch(self, *, flipped: Any = None, synced: bool | None = None) -> float:
+        """agreement=<threshold>: call after each backward pass (the Trainer integration does). Decides whether the
+        micro-batch whose gradient the backward just added is kept, and leaves ``p.grad`` = the mean of the kept
+        micro-batch gradients so far. Returns the share kept (1.0 / 0.0; per tensor with agreement_scope="tensor").
+
+        ``flipped``: optional per-example flags (True: a swapped label) of this rank's micro-batch, counted in
+        :meth:`agreement_stats`. ``synced=True``: the backend already averaged this micro-batch's gradient over
+        the data-parallel ranks (saves one all-reduce under DDP); None: not known.
+        """
+        if self._agree is None:
+            raise RuntimeError("end_microbatch() needs SNRAdamW(agreement=<threshold>); agreement is off")
+        return self._agree.end_microbatch(self._all_params(), flipped=flipped, synced=synced)
+
+    def agreement_stats(self, reset: bool = True) -> dict[str, float]:
+        """The agreement filter's shares since the last read (see :meth:`AgreementFilter.read`); {} when off."""
+        return {} if self._agree is None else self._agree.read(reset)
+
+    @property
+    def agreement_group(self) -> Any:
+        """The data-parallel group over which micro-batch gradients are averaged before the agreement test ("auto":
+        the default group when torch.distributed runs and the parameters are not sharded; None: local)."""
+        return None if self._agree is None else self._agree.group
+
+    @agreement_group.setter
+    def agreement_group(self, group: Any) -> None:
+        if self._agree is not None:
+            self._agree.group = group
 
     # -- statistics -----------------------------------------------------------------------------
     def request_stats(self) -> None:
@@ -491,6 +538,8 @@ class SNRAdamW(Optimizer):
         for group in self.param_groups:  # before the non-finite check, which cannot read sparse tensors
             if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(_SPARSE_MSG)
+        if self._agree is not None:  # the accumulation is over: p.grad holds the mean of the kept micro-batches
+            self._agree.finish_step()
 
         decision = self._decide_nonfinite()
         if decision is None:

@@ -31,6 +31,7 @@ SIGNALS = ("ema", "step")
 VARIANCES = ("ema", "microbatch")
 DECAY_TARGETS = ("zero", "init")
 STATE_DTYPES = ("float32", "bfloat16")
+AGREEMENT_SCOPES = ("model", "tensor")
 
 # At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
 # start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
@@ -90,6 +91,20 @@ def _to_str(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
     return value.strip().lower()
+
+
+def _to_agreement(value: Any) -> float | None:
+    """'off' / None: no filter; a number: the cosine threshold."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none", "")):
+        return None
+    if isinstance(value, str):
+        return float(value)
+    return _to_float(value)
+
+
+def _agreement_ok(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                         and -1.0 <= x <= 1.0)
 
 
 def _to_regex(value: Any) -> str | None:
@@ -201,6 +216,15 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
          "with nonfinite=skip, the run stops with an error once more than this many steps in a row were skipped "
          "(a run whose every step is non-finite would otherwise burn its budget and save untrained weights)",
          _to_int, per_group=False),
+    _opt("agreement", "float | 'off'", None, "off, or a cosine threshold in [-1, 1]", _agreement_ok,
+         "micro-batch gradient agreement filter: with k >= 2 gradient-accumulation micro-batches, each one after "
+         "the first is kept only if the cosine of its gradient with the sum kept so far (one number over the whole "
+         "model) is >= the threshold; the step uses the mean of the kept ones (one gradient-sized buffer). Under "
+         "DDP a micro-batch is all ranks' j-th micro-batch together; FSDP2 needs sync_each_batch; not under "
+         "DeepSpeed", _to_agreement, per_group=False, shown="off"),
+    _opt("agreement_scope", "str", "model", f"one of {', '.join(AGREEMENT_SCOPES)}", _one_of(AGREEMENT_SCOPES),
+         "agreement decided once over the whole model, or per parameter tensor (a per-tensor cosine)", _to_str,
+         per_group=False, label="agreement_scope"),
     # integration only (the factory, not the optimizer)
     _opt("exclude", "regex", None, "a regular expression (no commas; use | for alternatives)",
          lambda x: x is None or isinstance(x, str),
@@ -354,6 +378,8 @@ class SNROptions:
     warmup_steps: int = DEFAULTS["warmup_steps"]
     nonfinite: str = DEFAULTS["nonfinite"]
     max_consecutive_skips: int = DEFAULTS["max_consecutive_skips"]
+    agreement: float | None = DEFAULTS["agreement"]
+    agreement_scope: str = DEFAULTS["agreement_scope"]
     foreach: bool | None = DEFAULTS["foreach"]
     fused: bool = DEFAULTS["fused"]
     state_dtype: str = DEFAULTS["state_dtype"]

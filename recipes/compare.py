@@ -134,6 +134,10 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
       policy prefers as labelled (swapped: memorized noise; 0.5 = chance).
     * ``mask_mean``: mean of the logged SNR gate mean over the same late window (absent for AdamW,
       whose gate is 1 by definition).
+    * ``step_s``: training seconds per optimizer step (the Trainer's train_runtime / its steps: no data
+      preparation; evaluations included, as they are in every arm alike).
+    * ``agreement_kept`` / ``agreement_kept_clean`` / ``agreement_kept_swapped``: with the agreement filter, the
+      mean over the logs of the share of micro-batches kept (all, and weighted by clean / swapped pairs).
     """
     curves = {name: curve_of(log_history, key) for name, key in CURVES.items()}
     acc = curves["accuracy"]
@@ -148,11 +152,26 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
         "flipped_fit": last(curves["flipped_fit"]),
         "clean_fit": last(curves["clean_fit"]),
         "mask_mean": statistics.fmean(late_mask) if late_mask else math.nan,
+        "step_s": _step_seconds(log_history),
+        **{f"agreement_{k}": _mean_of(log_history, f"snr/agreement_{k}") for k in ("kept", "kept_clean",
+                                                                                    "kept_swapped")},
         "wall_time_s": math.nan if wall_time_s is None else float(wall_time_s),
         "cpu_time_s": math.nan if cpu_time_s is None else float(cpu_time_s),
         "curves": curves,
         "risk_tracking": risk_tracking(log_history),
     }
+
+
+def _step_seconds(log_history: list[dict[str, Any]]) -> float:
+    for entry in reversed(log_history):
+        if "train_runtime" in entry and entry.get("step"):
+            return float(entry["train_runtime"]) / int(entry["step"])
+    return math.nan
+
+
+def _mean_of(log_history: list[dict[str, Any]], key: str) -> float:
+    values = [v for _, v in curve_of(log_history, key)]
+    return statistics.fmean(values) if values else math.nan
 
 
 def rank_average(values: Sequence[float]) -> list[float]:
@@ -342,15 +361,19 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
             continue
         noise_rates = comparison.get("noise_rates", config.get("noise_rates", [None]))
         lrs = comparison.get("learning_rates")
-        swept = swept_learning_rates(config, comparison["name"])
+        # lr_sweep: read the best rates of another comparison of the sweep; an arm's lr_of: another arm's rate
+        swept = swept_learning_rates(config, comparison.get("lr_sweep", comparison["name"]))
+        # a comparison's own seeds: the ones it names (within --seeds, when given)
+        comparison_seeds = [s for s in seeds if s in comparison["seeds"]] if "seeds" in comparison else seeds
         for arm in comparison["arms"]:
             if arms and arm["name"] not in arms:
                 continue
-            arm_opts = {k: v for k, v in arm.items() if k not in ("name", "learning_rates", "noise_rate")}
+            arm_opts = {k: v for k, v in arm.items() if k not in ("name", "learning_rates", "noise_rate", "lr_of")}
             arm_rates = [arm["noise_rate"]] if "noise_rate" in arm else noise_rates
             lr_from = "config"
-            if arm["name"] in swept and "learning_rate" in arm_opts:
-                arm_opts["learning_rate"], lr_from = swept[arm["name"]], "sweep"
+            lr_key = arm.get("lr_of", arm["name"])
+            if lr_key in swept and "learning_rate" in arm_opts:
+                arm_opts["learning_rate"], lr_from = swept[lr_key], "sweep"
             if "learning_rate" in arm_opts:
                 arm_lrs, sweep = [arm_opts.pop("learning_rate")], False
             elif arm.get("learning_rates"):
@@ -364,7 +387,7 @@ def expand(config: dict[str, Any], output_dir: str, seeds: Sequence[int] | None 
                         label += f" lr={_fmt_lr(lr)}"
                     if len(arm_rates) > 1:
                         label += f" noise={rate:g}"
-                    for seed in seeds:
+                    for seed in comparison_seeds:
                         options = {**config.get("args", {}), **comparison.get("args", {}), **arm_opts}
                         if lr is not None:
                             options["learning_rate"] = lr
@@ -524,7 +547,8 @@ def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run],
         arm = arms.setdefault(run.arm, {"meta": run.meta, "noise_rate": run.noise_rate, "seeds": {}})
         arm["seeds"][run.seed] = s
     scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "drift", "flipped_fit", "clean_fit", "mask_mean",
-                   "wall_time_s", "cpu_time_s")
+                   "step_s", "agreement_kept", "agreement_kept_clean", "agreement_kept_swapped", "wall_time_s",
+                   "cpu_time_s")
     for arm in arms.values():
         per_seed = list(arm["seeds"].values())
         arm["stats"] = {k: aggregate([s[k] for s in per_seed]) for k in scalar_keys}
@@ -629,7 +653,10 @@ def markdown(summary: dict[str, Any]) -> str:
     head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", "sustained acc"]
     head += [f"first step ≥ {t:g}" for t in th]
     has_rec = bool(summary.get("recovered"))
-    head += ["drift", "flipped fit"] + (["recovered"] if has_rec else []) + ["mask mean", "wall s", "cpu s"]
+    has_agree = any(arm["stats"].get("agreement_kept", {}).get("n") for arm in summary["arms"].values())
+    head += ["drift", "flipped fit"] + (["recovered"] if has_rec else []) + ["mask mean"]
+    head += ["kept (clean / swapped)"] if has_agree else []
+    head += ["s / step", "wall s", "cpu s"]
     lines = [f"## {summary['title']}", ""]
     if summary["notes"]:
         lines += [summary["notes"].strip(), ""]
@@ -643,8 +670,12 @@ def markdown(summary: dict[str, Any]) -> str:
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
         row += [_cell(st["drift"]), _cell(st["flipped_fit"])]
         row += [_cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"] if has_rec else []
-        row += [_cell(st["mask_mean"]), _cell(st["wall_time_s"], 0),
-                _cell(st["cpu_time_s"], 0)]
+        row += [_cell(st["mask_mean"])]
+        if has_agree:
+            m = {k: st[f"agreement_{k}"]["mean"] for k in ("kept", "kept_clean", "kept_swapped")}
+            row += [f"{m['kept']:.2f} ({m['kept_clean']:.2f} / {m['kept_swapped']:.2f})"
+                    if st["agreement_kept"].get("n") else "—"]
+        row += [_cell(st["step_s"], 3), _cell(st["wall_time_s"], 0), _cell(st["cpu_time_s"], 0)]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
@@ -655,8 +686,11 @@ def markdown(summary: dict[str, Any]) -> str:
         f"rejected at the last evaluation. Flipped fit: share of swapped training pairs the policy prefers as "
         f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). "
         f"Mask mean: the SNR gate's mean over the same late "
-        f"window (AdamW: 1 by definition). Wall s / cpu s: per run, including data preparation and evaluations "
-        f"(cpu s: the run's own CPU time, what a busy shared machine does not inflate).",
+        f"window (AdamW: 1 by definition). Kept: the agreement filter's share of micro-batches kept, mean over the "
+        f"logs (the first micro-batch of every step, always kept, included), and the same share weighted by the "
+        f"clean / swapped pairs in each micro-batch. S / step: training seconds per optimizer step "
+        f"(train_runtime / steps, evaluations included). Wall s / cpu s: per run, including data preparation and "
+        f"evaluations (cpu s: the run's own CPU time, what a busy shared machine does not inflate).",
         "",
     ]
     sources = {label: arm["meta"].get("lr_from") for label, arm in summary["arms"].items()}
