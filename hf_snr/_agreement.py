@@ -181,9 +181,14 @@ class AgreementFilter:
             scale_x.append(n * (m + 1) / (m * n_new) if n_new else 0.0)
             scale_c.append((m + 1) / n_new if keep else 0.0)
             self.kept[p] = n_new
-        torch._foreach_mul_(xs, scale_x)
-        torch._foreach_mul_(grads, scale_c)
-        torch._foreach_add_(xs, grads)
+        if self.scope == "model":  # one scale for every tensor (a late joiner's X is zero): two passes fewer
+            torch._foreach_mul_(xs, scale_x[0])
+            if keeps[0]:
+                torch._foreach_add_(xs, grads, alpha=scale_c[0])
+        else:
+            torch._foreach_mul_(xs, scale_x)
+            torch._foreach_mul_(grads, scale_c)
+            torch._foreach_add_(xs, grads)
         torch._foreach_copy_(grads, xs)
         self.seen = m + 1
         self._remember(params)
@@ -218,14 +223,19 @@ class AgreementFilter:
         torch._foreach_div_(grads, float(world))
 
     def _dot_products(self, params, cs, xs) -> torch.Tensor:
-        rows = []
-        for c, x in zip(cs, xs):
-            c1 = c.reshape(-1)
-            x1 = x.reshape(-1)
-            if c1.dtype != torch.float32 and c1.dtype != torch.float64:
-                c1, x1 = c1.float(), x1.float()
-            rows.append(torch.stack([torch.dot(c1, x1), torch.dot(c1, c1), torch.dot(x1, x1)]).double())
-        sums = torch.stack(rows).cpu() if rows else torch.zeros(0, 3, dtype=torch.float64)
+        if not cs:
+            return torch.zeros(0, 3, dtype=torch.float64)
+        if all(c.dtype in (torch.float32, torch.float64) for c in cs):
+            dots = [torch.dot(c.reshape(-1), x.reshape(-1)) for c, x in zip(cs, xs)]
+            cc = torch.stack(torch._foreach_norm(cs)).double() ** 2  # (fused: one call for all tensors)
+            xx = torch.stack(torch._foreach_norm(xs)).double() ** 2
+            sums = torch.stack([torch.stack(dots).double(), cc, xx], dim=1).cpu()
+        else:  # half-precision gradients: products and sums in fp32
+            rows = []
+            for c, x in zip(cs, xs):
+                c1, x1 = c.reshape(-1).float(), x.reshape(-1).float()
+                rows.append(torch.stack([torch.dot(c1, x1), torch.dot(c1, c1), torch.dot(x1, x1)]).double())
+            sums = torch.stack(rows).cpu()
         sharded = [i for i, p in enumerate(params) if shard_group(p) is not None]
         if sharded:  # dot products and norms add up over shards: one small all-reduce per micro-batch
             group = shard_group(params[sharded[0]])

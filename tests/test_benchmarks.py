@@ -53,3 +53,16 @@ def test_the_step_benchmark_runs_and_prints_one_json_line_per_stepper(tmp_path, 
     # both tables and the JSON lines are printed
     assert "| time / AdamW fused |" in printed and "| bytes read / param |" in printed
     assert printed.count('{"kind": "step"') == len(rows) and '{"kind": "build"' in printed
+
+
+def test_the_agreement_cost_benchmark_measures_one_buffer_and_ratios(capsys):
+    import agreement_cost
+
+    rows = agreement_cost.main(["--rounds", "1", "--skip_dpo"])
+    assert [(r["params"], r["scope"]) for r in rows] == [("420 LoRA tensors", "model"), ("420 LoRA tensors", "tensor"),
+                                                         ("8 dense tensors", "model"), ("8 dense tensors", "tensor")]
+    for r in rows:
+        assert r["buffer_vs_param_bytes"] == 1.0  # one gradient-sized buffer, fp32 like the parameters
+        assert r["ms_per_microbatch"] > 0 and r["vs_adamw_step"] == pytest.approx(r["ms_per_microbatch"] /
+                                                                                  r["adamw_fused_step_ms"])
+    assert "| ms / micro-batch |" in capsys.readouterr().out
