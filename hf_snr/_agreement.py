@@ -67,9 +67,10 @@ _MISSING_CALL = (
 class AgreementFilter:
     """The kept-mean buffers of the current optimizer step, the decisions and their counts since the last read."""
 
-    def __init__(self, threshold: float, scope: str = "model"):
+    def __init__(self, threshold: float, scope: str = "model", reference: str = "kept"):
         self.threshold = float(threshold)
         self.scope = scope
+        self.reference = reference
         self.kept_mean: dict[torch.Tensor, torch.Tensor] = {}  # p -> X (local shard), see the module docstring
         self.seen = 0                                          # micro-batches of this step so far
         self.model_kept = 0                                    # ... and how many were kept (scope="model")
@@ -108,14 +109,15 @@ class AgreementFilter:
 
     # -- one micro-batch ----------------------------------------------------------------------------
     @torch.no_grad()
-    def end_microbatch(self, all_params, *, flipped=None, synced: bool | None = None) -> float:
+    def end_microbatch(self, all_params, *, flipped=None, synced: bool | None = None, momentum=None) -> float:
         """Decide the micro-batch whose backward just ended; returns the share kept (1.0 or 0.0 with scope="model",
         the numel-weighted share of tensors kept with scope="tensor").
 
         ``flipped``: optional flags of this rank's examples in the micro-batch (True: a swapped pair), counted in
         the kept shares of clean and swapped content. ``synced``: True when the backend already averaged this
         micro-batch's gradient over the data-parallel ranks (DDP's sync step); None: not known, averaged again
-        (idempotent, one more all-reduce).
+        (idempotent, one more all-reduce). ``momentum``: with reference="momentum", {p: the optimizer's first
+        moment} (None before the first step: the kept-sum rule is used until there is one).
         """
         params = [p for p in all_params if p.grad is not None]
         if self.seen > 0 and any(p in self.kept and (p.grad is None or (r := self._grads.get(p)) is None
@@ -131,7 +133,17 @@ class AgreementFilter:
             raise RuntimeError("agreement does not support sparse gradients")
         grads = [local(p.grad) for p in params]
         replicas = self._replica_group(all_params)
-        if self.seen == 0:
+        use_momentum = self.reference == "momentum" and momentum is not None
+        if self.seen == 0 and use_momentum:  # every micro-batch is tested, the first too: start from nothing kept
+            for p, g in zip(params, grads):
+                x = self.kept_mean.get(p)
+                if x is None or x.shape != g.shape or x.dtype != g.dtype or x.device != g.device:
+                    self.kept_mean[p] = torch.zeros_like(g)
+                else:
+                    x.zero_()
+                self.kept[p] = 0
+            self.model_kept = 0
+        elif self.seen == 0:
             if replicas is not None and not synced:
                 self._average(grads, replicas)
             for p, g in zip(params, grads):
@@ -162,7 +174,9 @@ class AgreementFilter:
         torch._foreach_sub_(grads, xs)  # p.grad = c_j (local, or already averaged if the backend synced)
         if replicas is not None and not synced:
             self._average(grads, replicas)
-        sums = self._dot_products(params, grads, xs)  # (T, 3) float64: <c, X>, |c|^2, |X|^2 per tensor
+        refs = [local(momentum[p]) if p in momentum else torch.zeros_like(g) for p, g in zip(params, grads)] \
+            if use_momentum else xs
+        sums = self._dot_products(params, grads, refs)  # (T, 3) float64: <c, R>, |c|^2, |R|^2 per tensor
         if self.scope == "model":
             dot, cc, xx = sums.sum(0).tolist()
             keep_model = self._keep(dot, cc, xx)
@@ -178,11 +192,12 @@ class AgreementFilter:
         for p, keep in zip(params, keeps):
             n = self.kept[p]
             n_new = n + int(keep)
-            scale_x.append(n * (m + 1) / (m * n_new) if n_new else 0.0)
+            scale_x.append(n * (m + 1) / (m * n_new) if n_new and n else 0.0)
             scale_c.append((m + 1) / n_new if keep else 0.0)
             self.kept[p] = n_new
         if self.scope == "model":  # one scale for every tensor (a late joiner's X is zero): two passes fewer
-            torch._foreach_mul_(xs, scale_x[0])
+            if scale_x[0] != 1.0:
+                torch._foreach_mul_(xs, scale_x[0])
             if keeps[0]:
                 torch._foreach_add_(xs, grads, alpha=scale_c[0])
         else:
@@ -225,7 +240,7 @@ class AgreementFilter:
     def _dot_products(self, params, cs, xs) -> torch.Tensor:
         if not cs:
             return torch.zeros(0, 3, dtype=torch.float64)
-        if all(c.dtype in (torch.float32, torch.float64) for c in cs):
+        if all(c.dtype in (torch.float32, torch.float64) and x.dtype == c.dtype for c, x in zip(cs, xs)):
             dots = [torch.dot(c.reshape(-1), x.reshape(-1)) for c, x in zip(cs, xs)]
             cc = torch.stack(torch._foreach_norm(cs)).double() ** 2  # (fused: one call for all tensors)
             xx = torch.stack(torch._foreach_norm(xs)).double() ** 2

@@ -124,6 +124,7 @@ class SNRAdamW(Optimizer):
         max_consecutive_skips: int = D["max_consecutive_skips"],
         agreement: float | None = D["agreement"],
         agreement_scope: str = D["agreement_scope"],
+        agreement_reference: str = D["agreement_reference"],
         process_group: Any = None,
     ):
         defaults = dict(
@@ -143,7 +144,9 @@ class SNRAdamW(Optimizer):
                 pass  # refused just below, with the accepted range
         agreement = validate_value("agreement", agreement)
         agreement_scope = validate_value("agreement_scope", agreement_scope)
-        self._agree = AgreementFilter(agreement, agreement_scope) if agreement is not None else None
+        agreement_reference = validate_value("agreement_reference", agreement_reference)
+        self._agree = AgreementFilter(agreement, agreement_scope, agreement_reference) \
+            if agreement is not None else None
         self.process_group = process_group
         self.snr_state = {"steps": 0, "skipped_steps": 0, "consecutive_skips": 0, "cumulative_noise": 0.0,
                           "last_stats_step": 0}  # saved in state_dict
@@ -278,7 +281,13 @@ class SNRAdamW(Optimizer):
         """
         if self._agree is None:
             raise RuntimeError("end_microbatch() needs SNRAdamW(agreement=<threshold>); agreement is off")
-        return self._agree.end_microbatch(self._all_params(), flipped=flipped, synced=synced)
+        params = self._all_params()
+        momentum = None
+        if self._agree.reference == "momentum":  # the first moment of every parameter with a gradient, once it exists
+            states = [self.state.get(p, {}) for p in params if p.grad is not None]
+            if states and all("exp_avg" in st for st in states):
+                momentum = {p: self.state[p]["exp_avg"] for p in params if p.grad is not None}
+        return self._agree.end_microbatch(params, flipped=flipped, synced=synced, momentum=momentum)
 
     def agreement_stats(self, reset: bool = True) -> dict[str, float]:
         """The agreement filter's shares since the last read (see :meth:`AgreementFilter.read`); {} when off."""

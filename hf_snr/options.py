@@ -32,6 +32,7 @@ VARIANCES = ("ema", "microbatch")
 DECAY_TARGETS = ("zero", "init")
 STATE_DTYPES = ("float32", "bfloat16")
 AGREEMENT_SCOPES = ("model", "tensor")
+AGREEMENT_REFERENCES = ("kept", "momentum")
 
 # At t = 1 the variance EMA equals mu^2 exactly (d = g because m starts at 0), so "soft"/"hard"
 # start closed and "snr" at 1/2. More generally d = g - m measures the start-up bias of the
@@ -225,6 +226,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _opt("agreement_scope", "str", "model", f"one of {', '.join(AGREEMENT_SCOPES)}", _one_of(AGREEMENT_SCOPES),
          "agreement decided once over the whole model, or per parameter tensor (a per-tensor cosine)", _to_str,
          per_group=False, label="agreement_scope"),
+    _opt("agreement_reference", "str", "kept", f"one of {', '.join(AGREEMENT_REFERENCES)}",
+         _one_of(AGREEMENT_REFERENCES),
+         "what each micro-batch gradient is compared with: kept = the sum kept so far in this step (the first "
+         "micro-batch is kept untested); momentum = the optimizer's first moment m (the filtered mean of past "
+         "steps; every micro-batch tested, no extra memory; the kept rule on the first step)", _to_str,
+         per_group=False, label="agreement_reference"),
     # integration only (the factory, not the optimizer)
     _opt("exclude", "regex", None, "a regular expression (no commas; use | for alternatives)",
          lambda x: x is None or isinstance(x, str),
@@ -380,6 +387,7 @@ class SNROptions:
     max_consecutive_skips: int = DEFAULTS["max_consecutive_skips"]
     agreement: float | None = DEFAULTS["agreement"]
     agreement_scope: str = DEFAULTS["agreement_scope"]
+    agreement_reference: str = DEFAULTS["agreement_reference"]
     foreach: bool | None = DEFAULTS["foreach"]
     fused: bool = DEFAULTS["fused"]
     state_dtype: str = DEFAULTS["state_dtype"]

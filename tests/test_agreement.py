@@ -282,4 +282,33 @@ def test_ddp_and_fsdp2_decide_and_step_as_one_process_on_the_same_micro_batches(
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
     ok = sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("AGREEMENT-OK"))
-    assert ok == ["ddp", "ddp-synced-unknown", "fsdp2", "fsdp2-tensor-scope"], log[-8000:]
+    assert ok == ["ddp", "ddp-synced-unknown", "fsdp2", "fsdp2-momentum", "fsdp2-tensor-scope"], log[-8000:]
+
+
+def test_momentum_reference_tests_every_micro_batch_against_the_first_moment():
+    p = nn.Parameter(torch.zeros(3))
+    opt = SNRAdamW([p], lr=1e-2, mask="none", agreement=0.0, agreement_reference="momentum")
+    # step 1: no first moment yet, the kept-sum rule (the first micro-batch is kept untested)
+    for g in ([1.0, 1.0, 0.0], [-1.0, -1.0, 0.0], [1.0, 0.0, 0.0]):
+        (p * torch.tensor(g)).sum().div(3).backward()
+        opt.end_microbatch()
+    torch.testing.assert_close(p.grad, torch.tensor([1.0, 0.5, 0.0]))  # mean of the two kept
+    opt.step()
+    m = opt.state[p]["exp_avg"].clone()
+    opt.zero_grad()
+    # step 2: the first micro-batch points against m and is dropped; the others agree with m
+    shares = []
+    for g in ([-1.0, -0.5, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0]):
+        (p * torch.tensor(g)).sum().div(3).backward()
+        shares.append(opt.end_microbatch())
+    assert shares == [0.0, 1.0, 1.0] and torch.dot(m, torch.tensor([-1.0, -0.5, 0.0])) < 0
+    torch.testing.assert_close(p.grad, torch.tensor([1.0, 0.5, 0.5]))
+    opt.step()
+    opt.zero_grad()
+    # every micro-batch against m: all dropped gives a zero gradient (the step moves on momentum only)
+    m = opt.state[p]["exp_avg"].clone()
+    for _ in range(2):
+        (p * -m).sum().div(2).backward()
+        assert opt.end_microbatch() == 0.0
+    assert torch.count_nonzero(p.grad) == 0
+    opt.step()

@@ -15,23 +15,25 @@ def test_every_knob_is_parsed_typed():
     o = parse_optim_args(
         "mask=soft, softness=3,alpha=0.25,rho=0.9,reduction=tensor,warmup_steps=4,nonfinite=raise,"
         "foreach=false,exclude=mlp|lm_head,noise=ema,signal=ema,variance=microbatch,decay_to=init,"
-        "max_consecutive_skips=5,agreement=-0.25,agreement_scope=Tensor"
+        "max_consecutive_skips=5,agreement=-0.25,agreement_scope=Tensor,agreement_reference=momentum"
     )
     assert o == SNROptions(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor", warmup_steps=4,
                            nonfinite="raise", foreach=False, exclude="mlp|lm_head", noise="ema", signal="ema",
                            variance="microbatch", decay_to="init", max_consecutive_skips=5, agreement=-0.25,
-                           agreement_scope="tensor")
+                           agreement_scope="tensor", agreement_reference="momentum")
     assert parse_optim_args("agreement=OFF").agreement is None and SNROptions().agreement is None
     assert parse_optim_args("fused=true,state_dtype=bfloat16").fused is True
     assert type(o.softness) is float and type(o.alpha) is float and type(o.warmup_steps) is int
     assert o.optimizer_kwargs() == dict(mask="soft", softness=3.0, alpha=0.25, rho=0.9, reduction="tensor",
                                         warmup_steps=4, nonfinite="raise", foreach=False, noise="ema", signal="ema",
                                         variance="microbatch", decay_to="init", fused=False, state_dtype="float32",
-                                        max_consecutive_skips=5, agreement=-0.25, agreement_scope="tensor")
+                                        max_consecutive_skips=5, agreement=-0.25, agreement_scope="tensor",
+                                        agreement_reference="momentum")
     # every option in the table is covered by this test (a new knob must be added here)
     assert set(OPTIONS) == {"mask", "softness", "alpha", "rho", "reduction", "warmup_steps", "nonfinite", "foreach",
                             "exclude", "noise", "signal", "variance", "decay_to", "fused", "state_dtype",
-                            "max_consecutive_skips", "agreement", "agreement_scope"}
+                            "max_consecutive_skips", "agreement", "agreement_scope",
+                            "agreement_reference"}
 
 
 def test_defaults_and_aliases():

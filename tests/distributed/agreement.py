@@ -10,7 +10,7 @@ the optimizer state must agree with it, and the ranks must stay identical.
 
 Cases: DDP with no_sync on the non-final micro-batches (synced=True on the last one only, as the Trainer
 passes it), DDP with synced unknown (None), FSDP2 with a gradient sync on every micro-batch (model and tensor
-scopes). Prints ``AGREEMENT-OK <case>`` per case.
+scopes, and the momentum reference). Prints ``AGREEMENT-OK <case>`` per case.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def loss_of(model, x, y):
     return nn.functional.mse_loss(model(x), y) / GA
 
 
-def reference(steps: int, scope: str):
+def reference(steps: int, scope: str, ref: str = "kept"):
     """One process; micro-batch j = both ranks' examples. Returns (model, optimizer, decisions)."""
     model = net()
-    opt = SNRAdamW(model.parameters(), **HP, agreement_scope=scope)
+    opt = SNRAdamW(model.parameters(), **HP, agreement_scope=scope, agreement_reference=ref)
     opt.agreement_group = None
     decisions = []
     for step in range(1, steps + 1):
@@ -93,7 +93,7 @@ def run_ddp(rank: int, synced_known: bool):
     return model, opt, decisions
 
 
-def run_fsdp2(rank: int, scope: str):
+def run_fsdp2(rank: int, scope: str, ref: str = "kept"):
     from torch.distributed.fsdp import fully_shard
 
     model = net()
@@ -101,7 +101,7 @@ def run_fsdp2(rank: int, scope: str):
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    opt = SNRAdamW(model.parameters(), **HP, agreement_scope=scope)
+    opt = SNRAdamW(model.parameters(), **HP, agreement_scope=scope, agreement_reference=ref)
     decisions = []
     for step in range(1, STEPS + 1):
         opt.zero_grad()
@@ -120,7 +120,7 @@ def full(t):
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
-def compare(case, rank, model, opt, decisions, scope):
+def compare(case, rank, model, opt, decisions, scope, ref="kept"):
     ok = torch.tensor([1])
     names = [n for n, _ in model.named_parameters()]
     params = [full(p.detach()) for p in model.parameters()]
@@ -129,7 +129,7 @@ def compare(case, rank, model, opt, decisions, scope):
     dist.all_gather_object(decisions_all, decisions)
     assert decisions_all[0] == decisions_all[1], f"{case}: ranks decided differently: {decisions_all}"
     if rank == 0:
-        ref_model, ref_opt, ref_decisions = reference(STEPS, scope)
+        ref_model, ref_opt, ref_decisions = reference(STEPS, scope, ref)
         check_decisions(case, decisions, ref_decisions)
         for name, a, s, b in zip(names, params, states, ref_model.parameters()):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6, msg=f"{case} {name}")
@@ -149,12 +149,14 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, f"this check needs exactly {WORLD} processes, got world size {world}"
     torch.set_num_threads(1)
-    for case, fn, scope in (("ddp", lambda: run_ddp(rank, True), "model"),
-                            ("ddp-synced-unknown", lambda: run_ddp(rank, False), "model"),
-                            ("fsdp2", lambda: run_fsdp2(rank, "model"), "model"),
-                            ("fsdp2-tensor-scope", lambda: run_fsdp2(rank, "tensor"), "tensor")):
+    for case, fn, scope, ref in (("ddp", lambda: run_ddp(rank, True), "model", "kept"),
+                                 ("ddp-synced-unknown", lambda: run_ddp(rank, False), "model", "kept"),
+                                 ("fsdp2", lambda: run_fsdp2(rank, "model"), "model", "kept"),
+                                 ("fsdp2-tensor-scope", lambda: run_fsdp2(rank, "tensor"), "tensor", "kept"),
+                                 ("fsdp2-momentum", lambda: run_fsdp2(rank, "model", "momentum"), "model",
+                                  "momentum")):
         model, opt, decisions = fn()
-        compare(case, rank, model, opt, decisions, scope)
+        compare(case, rank, model, opt, decisions, scope, ref)
         del model, opt
     dist.barrier()
     dist.destroy_process_group()
