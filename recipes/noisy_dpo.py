@@ -21,6 +21,9 @@ YAML file given with ``--config`` and every option also a flag (flags win over t
 Data (``--dataset_name``):
   * ``synthetic``: :func:`hf_snr.synthetic.make_preference_dataset`, offline, with a known true
     reward; its test split carries the true order, so the clean-eval accuracy is exact.
+  * ``arithmetic``: :func:`hf_snr.tasks.make_arithmetic_dataset`, offline, chat format: "What is
+    37 + 48?" with the true answer chosen and a plausible wrong one rejected; train and eval
+    questions disjoint (``--synthetic_seed`` seeds the draw).
   * a Hub data set with prompt/chosen/rejected (standard or conversational), e.g.
     ``HuggingFaceH4/ultrafeedback_binarized`` with ``--dataset_train_split train_prefs
     --dataset_test_split test_prefs``;
@@ -189,7 +192,36 @@ def parse_args(argv: list[str] | None = None):
         # Multi-process launches on a CPU-only machine need accelerate's CPU flag in every process;
         # without it two launched processes silently run as two independent "rank 0" jobs.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    return make_parser().parse_args_and_config(args=argv)
+    parsed = make_parser().parse_args_and_config(args=argv)
+    # what the run was given, for the results' provenance (not a field: no flag sets it)
+    parsed[0]._argv = list(sys.argv[1:] if argv is None else argv)
+    return parsed
+
+
+def provenance(script_args: NoisyDPOArguments, training_args: SNRDPOConfig) -> dict[str, Any]:
+    """Where a run's numbers come from: the code's git commit (and whether tracked files differ from it), the
+    arguments the recipe was parsed from, the process's command line, and the seeds. ``git_commit`` and
+    ``git_dirty`` are None outside a git checkout (or without git)."""
+    import subprocess
+
+    def git(*cmd):
+        try:
+            proc = subprocess.run(["git", "-C", str(_REPO), *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": None if status is None else bool(status.strip()),  # tracked files changed since the commit
+        "argv": getattr(script_args, "_argv", None),  # what parse_args was given (compare.py: the run's own flags)
+        "command": [sys.executable, *sys.argv],  # the process (under compare.py: compare.py's command line)
+        "seed": training_args.seed,
+        "noise_seed": script_args.noise_seed,
+        "data_seed": script_args.synthetic_seed,
+    }
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -639,6 +671,7 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         "wall_time_s": wall,
         "cpu_time_s": cpu,  # this process's CPU time: a load-independent cost on a shared machine
         "sft": sft,
+        "provenance": provenance(script_args, training_args),
         "final": final_metrics(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }
