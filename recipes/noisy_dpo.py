@@ -696,8 +696,13 @@ def main(script_args: NoisyDPOArguments, training_args: SNRDPOConfig, model_args
     }
     if trainer.accelerator.is_main_process:
         os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, script_args.results_file), "w") as f:
+        # written to a temporary file and renamed: a run killed mid-write leaves no truncated results.json for
+        # compare.py --reuse to take as finished
+        path = os.path.join(training_args.output_dir, script_args.results_file)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(_jsonable(results), f, indent=1)
+        os.replace(tmp, path)
         final = results["final"]
         summary = ", ".join(
             f"{key} {final[key]:.4g}"
