@@ -81,14 +81,15 @@ def _draw(rng: random.Random, pools: dict[str, list], n: int, ops: tuple[str, ..
     return out
 
 
-def _rows(rng: random.Random, questions, conversational: bool) -> dict[str, list]:
+def _rows(rng: random.Random, questions, conversational: bool, system_prompt: str | None = None) -> dict[str, list]:
     cols: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
     for a, op, b in questions:
         answer = answer_of(a, op, b)
         wrong = rng.choice(wrong_answers(answer))
         prompt = PROMPT_TEMPLATE.format(a=a, op=op, b=b)
         if conversational:
-            cols["prompt"].append([{"role": "user", "content": prompt}])
+            system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+            cols["prompt"].append([*system, {"role": "user", "content": prompt}])
             cols["chosen"].append([{"role": "assistant", "content": str(answer)}])
             cols["rejected"].append([{"role": "assistant", "content": str(wrong)}])
         else:  # TRL's standard format concatenates prompt + completion: completions start with a space
@@ -100,7 +101,7 @@ def _rows(rng: random.Random, questions, conversational: bool) -> dict[str, list
 
 
 def make_arithmetic_dataset(n_train: int = 2000, n_eval: int = 500, seed: int = 0, *, conversational: bool = True,
-                            ops: tuple[str, ...] = OPS) -> DatasetDict:
+                            ops: tuple[str, ...] = OPS, system_prompt: str | None = None) -> DatasetDict:
     """The arithmetic preference task as a ``DatasetDict`` with splits ``"train"`` and ``"test"``.
 
     Each row: ``prompt`` "What is a op b? Answer with the number only.", ``chosen`` the true answer,
@@ -109,10 +110,20 @@ def make_arithmetic_dataset(n_train: int = 2000, n_eval: int = 500, seed: int = 
     ``answer``, the true value (an int column that no swap touches). Deterministic in ``seed``. No
     question is in both splits, nor twice in one. The test split is drawn first, from its own random
     stream, so it does not change with ``n_train``.
+
+    ``system_prompt`` (conversational only): None leaves the prompt a single user message, so the chat
+    template adds the model's own default system message if it has one (SmolLM2: 20 tokens of "You are a
+    helpful AI assistant named SmolLM, ..."); a string, even "", puts that system message first instead
+    (SmolLM2 then renders ~33 tokens a sequence instead of ~49: ~40 % less compute a DPO step).
     """
     for name, value in (("n_train", n_train), ("n_eval", n_eval)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"Invalid {name}: {value!r} (accepted: an integer >= 0)")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"Invalid system_prompt: {system_prompt!r} (accepted: None or a string)")
+    if system_prompt is not None and not conversational:
+        raise ValueError(f"Invalid system_prompt: {system_prompt!r} with conversational=False (accepted: None; a "
+                         "system message needs the chat format)")
     ops = tuple(ops)
     bad = [op for op in ops if op not in OPS]
     if not ops or bad:
@@ -133,6 +144,6 @@ def make_arithmetic_dataset(n_train: int = 2000, n_eval: int = 500, seed: int = 
     test_q = _draw(eval_rng, pools, n_eval, ops)
     train_q = _draw(train_rng, pools, n_train, ops)
     return DatasetDict({
-        "train": Dataset.from_dict(_rows(train_rng, train_q, conversational)),
-        "test": Dataset.from_dict(_rows(eval_rng, test_q, conversational)),
+        "train": Dataset.from_dict(_rows(train_rng, train_q, conversational, system_prompt)),
+        "test": Dataset.from_dict(_rows(eval_rng, test_q, conversational, system_prompt)),
     })

@@ -124,6 +124,11 @@ class NoisyDPOArguments(ScriptArguments):
     synthetic_seed: int = field(
         default=0, metadata={"help": "synthetic / arithmetic: seed of the data draw (not of the noise)."}
     )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "arithmetic: a system message put before every question ('' for an empty one); default: "
+                          "none, so the chat template adds the model's own default system message if it has one."},
+    )
     synthetic_scale: float = field(
         default=1.0,
         metadata={"help": "synthetic: Bradley-Terry inverse temperature of the training labels (inf = true order)."},
@@ -279,6 +284,7 @@ def load_preference_data(args: NoisyDPOArguments) -> tuple[Dataset, Dataset | No
             n_eval=500 if args.eval_pairs is None else args.eval_pairs,
             seed=args.synthetic_seed,
             conversational=True,
+            system_prompt=args.system_prompt,
         )
         return data["train"], data["test"]
 

@@ -94,3 +94,16 @@ def test_recipe_loads_it_and_swaps_30_percent(noisy_dpo, tmp_path, monkeypatch):
     for row in swapped:
         assert (_answer(row["chosen"]) == row["answer"]) == (not row["label_flipped"])
         assert (_answer(row["rejected"]) == row["answer"]) == row["label_flipped"]
+
+
+def test_system_prompt_goes_first_and_leaves_the_questions_unchanged():
+    plain = make_arithmetic_dataset(20, 5, seed=2)
+    sys_ = make_arithmetic_dataset(20, 5, seed=2, system_prompt="")
+    for a, b in zip(plain["train"], sys_["train"]):
+        assert b["prompt"][0] == {"role": "system", "content": ""}
+        assert b["prompt"][1:] == a["prompt"] and b["chosen"] == a["chosen"] and b["rejected"] == a["rejected"]
+        assert parse_question(b["prompt"]) == parse_question(a["prompt"])
+    with pytest.raises(ValueError, match="system_prompt: 3"):
+        make_arithmetic_dataset(5, 5, system_prompt=3)
+    with pytest.raises(ValueError, match="conversational=False"):
+        make_arithmetic_dataset(5, 5, conversational=False, system_prompt="x")
