@@ -40,6 +40,18 @@ GRID = dict(smoothing=[1.0, 0.5, 0.3], rise=[0.25, 0.5, 1.0, 2.0, 4.0], patience
 CHOOSE_SEEDS, REPORT_SEEDS = (0, 1), (2, 3)
 
 
+def _regime_and_schedule(comparison: str, results: dict[str, Any]) -> tuple[str, str]:
+    """(regime, schedule) of a run: the checkpoint study names its comparisons REGIME_SCHEDULE
+    (``many_passes_linear``); other studies name the regime only, and the schedule is the run's own
+    ``lr_scheduler_type``."""
+    schedule = str(results.get("args", {}).get("training", {}).get("lr_scheduler_type", "constant"))
+    schedule = schedule.rpartition(".")[2].lower()  # "SchedulerType.LINEAR" as some versions write it
+    regime, _, suffix = comparison.rpartition("_")
+    if regime and suffix in ("constant", "linear", "cosine"):
+        return regime, suffix
+    return comparison, schedule
+
+
 def load_dpo_runs(study: pathlib.Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted(study.glob("*/runs/*/seed*/results.json")):
@@ -52,7 +64,7 @@ def load_dpo_runs(study: pathlib.Path) -> list[dict[str, Any]]:
         steps = sorted(s for s in evals if s in stats)
         if not steps:
             continue
-        regime, _, schedule = regime_schedule.rpartition("_")
+        regime, schedule = _regime_and_schedule(regime_schedule, r)
         runs.append(dict(
             task="dpo", regime=regime, schedule=schedule, arm=path.parts[-3], seed=int(path.parts[-2][4:]),
             steps=steps, max_steps=max(h["step"] for h in hist),
@@ -145,15 +157,42 @@ def table(runs, rule, title) -> list[str]:
     return lines + [""], rows, avg
 
 
+def frozen_report(runs: list[dict[str, Any]], dest: pathlib.Path) -> dict[str, Any]:
+    """The regret table of the frozen rule on every run (another study's runs: no seed saw the choice)."""
+    rule = MemorizationRule()
+    seeds = sorted({r["seed"] for r in runs})
+    md = ["# Which checkpoint to keep: clean-accuracy regret (best checkpoint in hindsight minus the kept one)", "",
+          f"The frozen rule `{rule}` (MemorizationRule's defaults, chosen on the checkpoint study's seeds 0-1 on the "
+          f"tiny model), applied unchanged to {len(runs)} runs of this study (seeds {seeds}).", ""]
+    lines, rows, avg = table(runs, rule, "all runs")
+    md += lines
+    out: dict[str, Any] = {"rule": vars(rule), "seeds": seeds, "all runs": {"by_regime": rows, "mean": avg}}
+    for arm in sorted({r["arm"] for r in runs}):
+        sub = [r for r in runs if r["arm"] == arm]
+        lines, rows, avg = table(sub, rule, f"arm {arm}")
+        md += lines
+        out[f"arm {arm}"] = {"by_regime": rows, "mean": avg}
+    text = "\n".join(md)
+    (dest / "regret.md").write_text(text + "\n")
+    (dest / "regret.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(text)
+    return out
+
+
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", type=pathlib.Path)
     p.add_argument("--grokking", type=pathlib.Path, default=None)
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--frozen", action="store_true",
+                   help="choose nothing: apply the frozen rule (MemorizationRule's defaults, chosen on the checkpoint "
+                        "study's seeds 0-1) to every run of this study, all of them unseen by that choice")
     a = p.parse_args(argv)
     runs = load_dpo_runs(a.study)
     if not runs:
         raise SystemExit(f"no finished runs with SNR statistics under {a.study}")
+    if a.frozen:
+        return frozen_report(runs, a.out or a.study)
     choose_runs = [r for r in runs if r["seed"] in CHOOSE_SEEDS]
     report_runs = [r for r in runs if r["seed"] in REPORT_SEEDS]
     rule, scored = select_rule(choose_runs)

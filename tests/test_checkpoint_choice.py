@@ -47,3 +47,20 @@ def test_regrets_of_each_choice(tmp_path):
     assert choose(rule, run["steps"], run["ratio"], 40) == (20, 40)
     never = MemorizationRule(rise=100.0)
     assert cc.choices(run, never)["c_rule"] == pytest.approx(0.1)  # never dominates: the last checkpoint
+
+
+def test_a_study_named_by_regime_only_takes_the_schedule_from_the_run_and_the_frozen_rule(tmp_path):
+    cc = _module()
+    _write_run(tmp_path, "many_passes", "adamw", 1, acc=[0.6, 0.8, 0.75, 0.7],
+               clean_loss=[0.7, 0.5, 0.55, 0.6], noisy_loss=[0.69, 0.70, 0.68, 0.71], ratio=[1.0, 1.0, 9.0, 9.0])
+    path = tmp_path / "many_passes" / "runs" / "adamw" / "seed1" / "results.json"
+    r = json.loads(path.read_text())
+    r["args"] = {"training": {"lr_scheduler_type": "linear"}}
+    path.write_text(json.dumps(r))
+    (run,) = cc.load_dpo_runs(tmp_path)
+    assert (run["regime"], run["schedule"]) == ("many_passes", "linear")
+    out = cc.main([str(tmp_path), "--frozen"])
+    frozen = cc.choices(run, MemorizationRule())
+    assert out["all runs"]["by_regime"]["many_passes"]["c_rule"] == pytest.approx(frozen["c_rule"])
+    assert out["all runs"]["by_regime"]["many_passes"]["a_last"] == pytest.approx(0.1)
+    assert "arm adamw" in out and (tmp_path / "regret.md").read_text().startswith("# Which checkpoint")
