@@ -30,6 +30,11 @@ prefixes and reach ``log_history`` and every reporter). See :data:`DPO_METRICS` 
   ``noise/flipped_margin`` and ``noise/clean_margin`` are the mean margins on the same pairs.
   Absent when no pair of that kind was seen (e.g. flipped_* with 0 % noise, or an eval set
   without the column).
+* ``pref/policy_accuracy``, ``pref/reference_accuracy``: the share of pairs on which the policy (resp. the
+  reference) itself gives the chosen completion the higher summed log-probability (tie = 1/2). On clean
+  evaluation pairs of a task with a known truth this is the task accuracy, what the model now prefers; TRL's
+  ``rewards/accuracies`` instead asks whether training moved each pair the right way relative to the reference,
+  which says nothing of what a pretrained reference already knew.
 * ``snr/*``: the optimizer's statistics (:data:`hf_snr.integration.SNR_METRICS`), from the
   SNRCallback that :mod:`hf_snr.registration` attaches to any Trainer whose optimizer is SNRAdamW.
   At evaluation the latest statistics are reported again as ``eval_snr/*`` (they describe the last
@@ -103,6 +108,9 @@ DPO_METRICS = {
     "noise/clean_fit": "share of unswapped pairs where the policy prefers the training label (tie = 1/2)",
     "noise/flipped_margin": "mean implicit reward margin (chosen - rejected, training labels) on swapped pairs",
     "noise/clean_margin": "mean implicit reward margin (chosen - rejected, training labels) on unswapped pairs",
+    "pref/policy_accuracy": "share of pairs where the policy gives the chosen completion the higher summed log-prob "
+                            "(tie = 1/2): on clean eval pairs, the share of questions the model now answers right",
+    "pref/reference_accuracy": "the same share for the reference model (constant on a fixed eval set)",
 }
 
 
@@ -413,6 +421,10 @@ class SNRDPOTrainer(DPOTrainer):
             ref_logps = self._sequence_logps(ref_lp, mask)
         ratios = logps - ref_logps  # dtype promotion as in TRL
         chosen, rejected = ratios.chunk(2, dim=0)  # TRL's batch layout: [all chosen; all rejected]
+        # the policy's and the reference's own preference margins (log pi(chosen) - log pi(rejected)), for pref/*
+        policy_c, policy_r = logps.detach().chunk(2, dim=0)
+        ref_c, ref_r = ref_logps.detach().chunk(2, dim=0)
+        self._pref_margins = (policy_c - policy_r, ref_c - ref_r)
         return chosen, rejected
 
     def _verify_against_trl(self, mode: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
@@ -457,22 +469,36 @@ class SNRDPOTrainer(DPOTrainer):
         if mode not in self._verified_modes:
             self._verify_against_trl(mode, chosen_rewards, rejected_rewards)
             self._verified_modes.add(mode)
-        self._accumulate(mode, chosen_rewards, rejected_rewards, flags)
+        self._accumulate(mode, chosen_rewards, rejected_rewards, flags, *self._pref_margins)
         return result
 
     # -- metrics ------------------------------------------------------------------------------------
-    def _accumulate(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor, flags: torch.Tensor | None) -> None:
-        """Add this batch's sums (all ranks, padding duplicates dropped) to the interval's totals."""
+    def _accumulate(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor, flags: torch.Tensor | None,
+                    policy_margin: torch.Tensor | None = None, ref_margin: torch.Tensor | None = None) -> None:
+        """Add this batch's sums (all ranks, padding duplicates dropped) to the interval's totals.
+
+        ``chosen`` / ``rejected``: the implicit rewards; ``policy_margin`` / ``ref_margin``: log pi(chosen) -
+        log pi(rejected) of the policy and of the reference (the pref/* metrics; both or neither)."""
         columns = [chosen.float(), rejected.float()]
+        if policy_margin is not None:
+            columns += [policy_margin.to(chosen.device).float(), ref_margin.to(chosen.device).float()]
         if flags is not None:
             columns.append(flags.to(chosen.device).float())
         pairs = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
         chosen, rejected = pairs[:, 0], pairs[:, 1]
         margin = chosen - rejected
-        fit = (margin > 0).float() + 0.5 * (margin == 0).float()  # a tie is no preference: counts 1/2
-        terms = {"rewards/drift": ((chosen.abs() + rejected.abs()).sum(), pairs.new_tensor(2.0 * pairs.size(0)))}
+
+        def fit_of(m):
+            return (m > 0).float() + 0.5 * (m == 0).float()  # a tie is no preference: counts 1/2
+
+        fit = fit_of(margin)
+        count = pairs.new_tensor(float(pairs.size(0)))
+        terms = {"rewards/drift": ((chosen.abs() + rejected.abs()).sum(), 2.0 * count)}
+        if policy_margin is not None:
+            terms["pref/policy_accuracy"] = (fit_of(pairs[:, 2]).sum(), count)
+            terms["pref/reference_accuracy"] = (fit_of(pairs[:, 3]).sum(), count)
         if flags is not None:
-            flipped = pairs[:, 2]
+            flipped = pairs[:, -1]
             clean = 1.0 - flipped
             terms["noise/flipped_fit"] = ((fit * flipped).sum(), flipped.sum())
             terms["noise/clean_fit"] = ((fit * clean).sum(), clean.sum())

@@ -439,3 +439,31 @@ def test_decay_to_init_anchors_on_the_reference_weights(tmp_path, caplog):
             assert opt._anchors[p] is not None and opt._anchors[p].data_ptr() == ref[name].data_ptr()
             assert "param_init" not in opt.state[p]
     assert "anchors" in caplog.text and "reference model's weights" in caplog.text
+
+
+def test_pref_accuracies_pool_the_policy_and_reference_preferences(tmp_path):
+    train, _ = task(NOISE)
+    trainer = make_trainer(make_args(tmp_path), train)
+    trainer.model.train()
+    t = torch.tensor
+    # policy margins: 2 right, 1 wrong, 1 tie; reference margins: 1 right, 3 wrong
+    trainer._accumulate("train", t([0.1, 0.0]), t([0.0, 0.1]), None, t([1.0, -2.0]), t([0.5, -0.1]))
+    trainer._accumulate("train", t([0.2, 0.0]), t([0.0, 0.0]), None, t([3.0, 0.0]), t([-1.0, -0.2]))
+    trainer.log({"loss": 0.0})
+    log = trainer.state.log_history[-1]
+    assert log["pref/policy_accuracy"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    assert log["pref/reference_accuracy"] == pytest.approx(1 / 4)
+    assert log["rewards/drift"] == pytest.approx((0.1 + 0.0 + 0.0 + 0.1 + 0.2 + 0.0 + 0.0 + 0.0) / 8)
+
+
+def test_pref_accuracy_starts_at_the_reference_and_the_reference_stays(tmp_path):
+    train, test = task(0.0)  # clean labels: training teaches the true order, so the policy's own preference moves
+    args = make_args(tmp_path, precompute_ref_log_probs=True, max_steps=24, learning_rate=2e-2)
+    trainer = make_trainer(args, train, test, explicit_ref=False)
+    before = trainer.evaluate()
+    assert before["eval_pref/policy_accuracy"] == pytest.approx(before["eval_pref/reference_accuracy"], abs=1e-6)
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_pref/reference_accuracy"] == pytest.approx(before["eval_pref/reference_accuracy"], abs=1e-6)
+    assert after["eval_pref/policy_accuracy"] > before["eval_pref/policy_accuracy"] + 0.1
+    assert all(k in train_logs(trainer)[-1] for k in ("pref/policy_accuracy", "pref/reference_accuracy"))
