@@ -12,7 +12,9 @@ Llama naming, so the tiny recipe model and SmolLM2 (and PEFT-wrapped names) alik
 
 Writes, into ``--out`` (default: the first run folder): ``gate_by_module_<run>.png`` and
 ``gate_by_layer_<run>.png`` (gate mean over training, one line per module type / layer), and
-``gate_map.md``: the final per-module-type means, one column per run.
+``gate_map.md``: the final per-module-type means, one column per run; with ``--combined FILE`` also one figure
+of every run side by side (a row each: the gate by module type over training, and the final gate by layer
+and module type), e.g. a real model's runs beside the tiny model's.
 """
 
 from __future__ import annotations
@@ -146,6 +148,55 @@ def plot_run(entries: list[dict], label: str, out: pathlib.Path) -> list[str]:
     return written
 
 
+def by_layer_and_type(entry: dict) -> dict:
+    """{module type: {layer: coordinate-weighted mean gate}} of one entry (tensors inside the layers only)."""
+    out: dict = {}
+    for (kind, layer), value in grouped(entry, lambda n: (module_type(n), layer_of(n))).items():
+        if layer is not None:
+            out.setdefault(kind, {})[layer] = value
+    return out
+
+
+def plot_combined(runs: dict[str, list[dict]], path: pathlib.Path, titles: dict[str, str] | None = None) -> str:
+    """One figure for several runs side by side: a row per run; left, the gate by module type over training;
+    right, the final gate by layer, one line per module type (and the tensors outside the layers as points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    colors = dict(zip(MODULE_TYPES, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
+    for row, (label, entries) in enumerate(runs.items()):
+        title = (titles or {}).get(label, label)
+        left, right = axes[row]
+        for kind, points in ((k, series(entries, module_type).get(k)) for k in MODULE_TYPES):
+            if points:
+                steps, values = zip(*points)
+                left.plot(steps, values, marker="o", markersize=2, color=colors[kind], label=kind)
+        left.set(xlabel="optimizer step", ylabel="mean gate q", ylim=(0, 1.02), title=f"{title}: by module type")
+        final = by_layer_and_type(entries[-1])
+        for kind in MODULE_TYPES:
+            if kind in final:
+                layers = sorted(final[kind])
+                right.plot(layers, [final[kind][i] for i in layers], marker="o", markersize=2, color=colors[kind],
+                           label=kind)
+        outside = {k: v for k, v in grouped(entries[-1], module_type).items()
+                   if k not in final and k in ("embeddings", "norm", "other")}
+        for kind, value in outside.items():
+            right.axhline(value, color=colors[kind], linestyle=":", label=f"{kind} (outside layers)")
+        right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        right.set(xlabel="layer", ylabel="mean gate q", ylim=(0, 1.02),
+                  title=f"{title}: by layer at step {entries[-1]['step']}")
+        left.legend(fontsize=7)
+        right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
 def final_table(runs: dict[str, list[dict]]) -> str:
     """Markdown: the final per-module-type mean gate (rows) of each run (columns)."""
     finals = {label: grouped(entries[-1], module_type) for label, entries in runs.items()}
@@ -163,7 +214,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders, each with a gate_map.jsonl")
     p.add_argument("--out", default=None, help="where the PNGs and gate_map.md go (default: the first run folder)")
+    p.add_argument("--combined", default=None,
+                   help="also one figure with every run side by side (a row each), written to this file name in --out")
+    p.add_argument("--titles", nargs="+", default=None, help="with --combined: a title per run, in order")
     opts = p.parse_args(argv)
+    if opts.titles is not None and len(opts.titles) != len(opts.runs):
+        p.error(f"--titles: {len(opts.titles)} given for {len(opts.runs)} runs (accepted: one per run)")
     out = pathlib.Path(opts.out or opts.runs[0])
     out.mkdir(parents=True, exist_ok=True)
     used: set = set()
@@ -171,6 +227,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     written = []
     for label, entries in runs.items():
         written += plot_run(entries, label, out)
+    if opts.combined:
+        titles = dict(zip(runs, opts.titles)) if opts.titles else None
+        written.append(plot_combined(runs, out / opts.combined, titles))
     table = out / "gate_map.md"
     table.write_text("Final mean gate per module type (coordinate-weighted over the type's tensors)\n\n"
                      + final_table(runs))

@@ -131,10 +131,12 @@ def test_recipe_records_gate_map_and_plot_script_reads_it(tmp_path, monkeypatch)
     out = tmp_path / "plots"
     shutil.copytree(run, tmp_path / "run2")
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "plot_gate_map.py"), str(run), str(tmp_path / "run2"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--out", str(out), "--combined", "both.png", "--titles", "first", "second"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) >= 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (out / "both.png") in pngs
+    assert len(pngs) >= 5 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     table = (out / "gate_map.md").read_text()
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "embeddings", "norm"):
         assert f"| {kind} |" in table, kind
