@@ -25,8 +25,8 @@ if [ -n "${COMMIT_EVERY:-}" ]; then
   (
     while sleep "$COMMIT_EVERY"; do
       if [ -n "$(git status --porcelain -- "$STUDY")" ]; then
-        n=$(git status --porcelain -- "$STUDY" | grep -c 'results.json' || true)
-        git add -- "$STUDY" && git commit -q -m "SmolLM2 study: $n more finished runs (raw results.json as they come)" \
+        n=$(git status --porcelain --untracked-files=all -- "$STUDY" | grep -c 'results.json' || true)
+        git add -- "$STUDY" && git commit -q -m "SmolLM2 study: $n new or updated results.json (finished runs, committed as they come)" \
           -- "$STUDY" || echo "run_study: commit failed, retrying next round" >&2
       fi
     done
