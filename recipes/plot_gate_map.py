@@ -97,8 +97,8 @@ def series(entries: list[dict], key) -> dict:
     return out
 
 
-def _label(folder: str, used: set) -> str:
-    parts = pathlib.Path(folder).resolve().parts[-3:]
+def _label(folder: str, used: set, from_path: bool = True) -> str:
+    parts = pathlib.Path(folder).resolve().parts[-3:] if from_path else [folder]
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts)).strip("_") or "run"
     base, k = label, 2
     while label in used:
@@ -216,14 +216,18 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--out", default=None, help="where the PNGs and gate_map.md go (default: the first run folder)")
     p.add_argument("--combined", default=None,
                    help="also one figure with every run side by side (a row each), written to this file name in --out")
-    p.add_argument("--titles", nargs="+", default=None, help="with --combined: a title per run, in order")
+    p.add_argument("--titles", nargs="+", default=None,
+                   help="a title per run, in order: the plots' titles, file names and table columns")
     opts = p.parse_args(argv)
     if opts.titles is not None and len(opts.titles) != len(opts.runs):
         p.error(f"--titles: {len(opts.titles)} given for {len(opts.runs)} runs (accepted: one per run)")
     out = pathlib.Path(opts.out or opts.runs[0])
     out.mkdir(parents=True, exist_ok=True)
     used: set = set()
-    runs = {_label(folder, used): read_gate_map(folder) for folder in opts.runs}
+    # labels: the titles when given (file names and table columns then say which run is which), else the paths
+    names = opts.titles or opts.runs
+    runs = {_label(name, used, from_path=opts.titles is None): read_gate_map(folder)
+            for name, folder in zip(names, opts.runs)}
     written = []
     for label, entries in runs.items():
         written += plot_run(entries, label, out)

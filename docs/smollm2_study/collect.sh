@@ -20,18 +20,17 @@ fi
 $PY recipes/study_cost.py $DST/sweep $DST/main --out $DST/cost.md > /dev/null
 # the gate on real weights beside the tiny model's (seed 1 of each)
 runs=() titles=()
-for regime in many_passes one_pass; do
-  for arm in snr_default snr_row_ema; do
-    d=$DST/main/$regime/runs/$arm/seed1
-    if [ -f $d/gate_map.jsonl ]; then runs+=("$d"); titles+=("SmolLM2 $regime ${arm#snr_}"); fi
+add_gate_maps() {  # add_gate_maps STUDY_DIR LABEL REGIME...: the two gate arms' seed-1 runs that have a gate map
+  local dir=$1 label=$2; shift 2
+  for regime in "$@"; do
+    for arm in snr_default snr_row_ema; do
+      d=$dir/$regime/runs/$arm/seed1
+      if [ -f $d/gate_map.jsonl ]; then runs+=("$d"); titles+=("$label $regime ${arm#snr_}"); fi
+    done
   done
-done
-for regime in many_passes sft_one_pass; do
-  for arm in snr_default snr_row_ema; do
-    d=$DST/tiny_gate_map/$regime/runs/$arm/seed1
-    if [ -f $d/gate_map.jsonl ]; then runs+=("$d"); titles+=("tiny $regime ${arm#snr_}"); fi
-  done
-done
+}
+add_gate_maps $DST/main SmolLM2 many_passes one_pass
+add_gate_maps $DST/tiny_gate_map tiny many_passes sft_one_pass
 if [ ${#runs[@]} -gt 0 ]; then
   $PY recipes/plot_gate_map.py "${runs[@]}" --out $DST/gate_maps --combined gate_real_vs_tiny.png --titles "${titles[@]}" > /dev/null
 fi
