@@ -397,8 +397,9 @@ class SNRDPOTrainer(DPOTrainer):
         tail_mask = comp_pos > shared
         return (per_token_logps * shared_mask).sum(dim=1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
 
-    def _logratios(self, captured, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log pi - log pi_ref) for chosen and rejected, per pair; differentiable through the policy."""
+    def _logratios(self, captured, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi - log pi_ref) for chosen and rejected, per pair (differentiable through the policy), and the
+        policy's and the reference's own margins log pi(chosen) - log pi(rejected) (detached, for pref/*)."""
         policy = [lp for role, lp in captured if role == "policy"]
         ref = [lp for role, lp in captured if role == "ref"]
         mask = inputs["completion_mask"]
@@ -421,11 +422,9 @@ class SNRDPOTrainer(DPOTrainer):
             ref_logps = self._sequence_logps(ref_lp, mask)
         ratios = logps - ref_logps  # dtype promotion as in TRL
         chosen, rejected = ratios.chunk(2, dim=0)  # TRL's batch layout: [all chosen; all rejected]
-        # the policy's and the reference's own preference margins (log pi(chosen) - log pi(rejected)), for pref/*
         policy_c, policy_r = logps.detach().chunk(2, dim=0)
         ref_c, ref_r = ref_logps.detach().chunk(2, dim=0)
-        self._pref_margins = (policy_c - policy_r, ref_c - ref_r)
-        return chosen, rejected
+        return chosen, rejected, policy_c - policy_r, ref_c - ref_r
 
     def _verify_against_trl(self, mode: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         """Our rewards must reproduce TRL's logged means (same gather); otherwise TRL changed under us."""
@@ -457,7 +456,7 @@ class SNRDPOTrainer(DPOTrainer):
             captured = self._captured
         finally:
             self._captured = None
-        chosen, rejected = self._logratios(captured, inputs)
+        chosen, rejected, policy_margin, ref_margin = self._logratios(captured, inputs)
 
         if self._cdpo_weight and self.label_smoothing:
             # cDPO = sigmoid loss + eps * beta * delta (log sigmoid(-x) = log sigmoid(x) - x); mean over pairs as TRL.
@@ -469,7 +468,7 @@ class SNRDPOTrainer(DPOTrainer):
         if mode not in self._verified_modes:
             self._verify_against_trl(mode, chosen_rewards, rejected_rewards)
             self._verified_modes.add(mode)
-        self._accumulate(mode, chosen_rewards, rejected_rewards, flags, *self._pref_margins)
+        self._accumulate(mode, chosen_rewards, rejected_rewards, flags, policy_margin, ref_margin)
         return result
 
     # -- metrics ------------------------------------------------------------------------------------

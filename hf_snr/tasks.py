@@ -83,12 +83,12 @@ def _draw(rng: random.Random, pools: dict[str, list], n: int, ops: tuple[str, ..
 
 def _rows(rng: random.Random, questions, conversational: bool, system_prompt: str | None = None) -> dict[str, list]:
     cols: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     for a, op, b in questions:
         answer = answer_of(a, op, b)
         wrong = rng.choice(wrong_answers(answer))
         prompt = PROMPT_TEMPLATE.format(a=a, op=op, b=b)
         if conversational:
-            system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
             cols["prompt"].append([*system, {"role": "user", "content": prompt}])
             cols["chosen"].append([{"role": "assistant", "content": str(answer)}])
             cols["rejected"].append([{"role": "assistant", "content": str(wrong)}])

@@ -171,9 +171,10 @@ def plot_combined(runs: dict[str, list[dict]], path: pathlib.Path, titles: dict[
     for row, (label, entries) in enumerate(runs.items()):
         title = (titles or {}).get(label, label)
         left, right = axes[row]
-        for kind, points in ((k, series(entries, module_type).get(k)) for k in MODULE_TYPES):
-            if points:
-                steps, values = zip(*points)
+        by_type = series(entries, module_type)
+        for kind in MODULE_TYPES:
+            if kind in by_type:
+                steps, values = zip(*by_type[kind])
                 left.plot(steps, values, marker="o", markersize=2, color=colors[kind], label=kind)
         left.set(xlabel="optimizer step", ylabel="mean gate q", ylim=(0, 1.02), title=f"{title}: by module type")
         final = by_layer_and_type(entries[-1])
