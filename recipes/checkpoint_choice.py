@@ -157,6 +157,23 @@ def table(runs, rule, title) -> list[str]:
     return lines + [""], rows, avg
 
 
+def add_tables_by(field: str, runs, rule, md: list[str], out: dict[str, Any], title, key) -> None:
+    """One regret table per value of ``field`` (e.g. each arm), appended to ``md`` and ``out``; ``title(value)`` /
+    ``key(value)`` name the table and its entry."""
+    for value in sorted({r[field] for r in runs}):
+        lines, rows, avg = table([r for r in runs if r[field] == value], rule, title(value))
+        md += lines
+        out[key(value)] = {"by_regime": rows, "mean": avg}
+
+
+def write_report(dest: pathlib.Path, md: list[str], out: dict[str, Any]) -> dict[str, Any]:
+    text = "\n".join(md)
+    (dest / "regret.md").write_text(text + "\n")
+    (dest / "regret.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(text)
+    return out
+
+
 def frozen_report(runs: list[dict[str, Any]], dest: pathlib.Path) -> dict[str, Any]:
     """The regret table of the frozen rule on every run (another study's runs: no seed saw the choice)."""
     rule = MemorizationRule()
@@ -167,16 +184,8 @@ def frozen_report(runs: list[dict[str, Any]], dest: pathlib.Path) -> dict[str, A
     lines, rows, avg = table(runs, rule, "all runs")
     md += lines
     out: dict[str, Any] = {"rule": vars(rule), "seeds": seeds, "all runs": {"by_regime": rows, "mean": avg}}
-    for arm in sorted({r["arm"] for r in runs}):
-        sub = [r for r in runs if r["arm"] == arm]
-        lines, rows, avg = table(sub, rule, f"arm {arm}")
-        md += lines
-        out[f"arm {arm}"] = {"by_regime": rows, "mean": avg}
-    text = "\n".join(md)
-    (dest / "regret.md").write_text(text + "\n")
-    (dest / "regret.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
-    print(text)
-    return out
+    add_tables_by("arm", runs, rule, md, out, title=lambda arm: f"arm {arm}", key=lambda arm: f"arm {arm}")
+    return write_report(dest, md, out)
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -209,16 +218,10 @@ def main(argv=None) -> dict[str, Any]:
         lines, rows, avg = table(subset, rule, name)
         md += lines
         out[name] = {"by_regime": rows, "mean": avg}
-        for sched in sorted({r["schedule"] for r in subset}):
-            sub = [r for r in subset if r["schedule"] == sched]
-            lines, rows, avg = table(sub, rule, f"{name}, {sched} schedule")
-            md += lines
-            out[f"{name}, {sched}"] = {"by_regime": rows, "mean": avg}
-        for arm in sorted({r["arm"] for r in subset}):
-            sub = [r for r in subset if r["arm"] == arm]
-            lines, rows, avg = table(sub, rule, f"{name}, arm {arm}")
-            md += lines
-            out[f"{name}, arm {arm}"] = {"by_regime": rows, "mean": avg}
+        add_tables_by("schedule", subset, rule, md, out, title=lambda v, n=name: f"{n}, {v} schedule",
+                      key=lambda v, n=name: f"{n}, {v}")
+        add_tables_by("arm", subset, rule, md, out, title=lambda v, n=name: f"{n}, arm {v}",
+                      key=lambda v, n=name: f"{n}, arm {v}")
     if a.grokking:
         g = load_grokking_runs(a.grokking)
         if g:
@@ -234,12 +237,7 @@ def main(argv=None) -> dict[str, Any]:
         md += [f"Target (rule <= (b) and <= half of (a), averaged over regimes; no regime worse than (a)): "
                f"**{'met' if verdict else 'not met'}** (rule {m['c_rule']:.3f}, (a) {m['a_last']:.3f}, "
                f"(b) {m['b_noisy_val']:.3f}; regimes worse than (a): {worse or 'none'}).", ""]
-    text = "\n".join(md)
-    dest = a.out or a.study
-    (dest / "regret.md").write_text(text + "\n")
-    (dest / "regret.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
-    print(text)
-    return out
+    return write_report(a.out or a.study, md, out)
 
 
 if __name__ == "__main__":

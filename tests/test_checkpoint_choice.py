@@ -1,21 +1,15 @@
 """recipes/checkpoint_choice.py: the regret of each checkpoint choice, on hand-made logged runs."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
+from _recipe_module import load_recipe
 
 from hf_snr.monitor import MemorizationRule, choose
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("checkpoint_choice", ROOT / "recipes" / "checkpoint_choice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("checkpoint_choice")
 
 
 def _write_run(root, regime, arm, seed, acc, clean_loss, noisy_loss, ratio):

@@ -1,19 +1,13 @@
 """recipes/study_cost.py: per-arm and total wall / CPU time of a study, on hand-made results."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from _recipe_module import load_recipe
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("study_cost", ROOT / "recipes" / "study_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("study_cost")
 
 
 def _run(root, comparison, arm, seed, wall, cpu, steps=36):
