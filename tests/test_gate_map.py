@@ -1,7 +1,6 @@
 """hf_snr.gate_map: the per-tensor gate recomputed from the state equals what the optimizer's step used, and
 recipes/plot_gate_map.py on a recorded tiny run."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -10,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from _recipe_module import load_recipe
 
 from hf_snr import SNRAdamW
 from hf_snr.gate_map import GateMapCallback, parameter_names, tensor_gates
@@ -99,14 +99,7 @@ def test_bad_inputs_are_refused():
 
 
 def _noisy_dpo():
-    recipes = ROOT / "recipes"
-    if str(recipes) not in sys.path:
-        sys.path.insert(0, str(recipes))
-    spec = importlib.util.spec_from_file_location("noisy_dpo", recipes / "noisy_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["noisy_dpo"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("noisy_dpo")
 
 
 def test_recipe_records_gate_map_and_plot_script_reads_it(tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """recipes/grokking.py (and grokking_study.py): the smoke config end to end, the data, Spearman, option checks."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from _recipe_module import load_recipe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -16,24 +16,14 @@ CONFIGS = RECIPES / "configs" / "grokking"
 SMOKE = str(CONFIGS / "grokking_smoke.yaml")
 
 
-def _load(name):
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def grokking():
-    return _load("grokking")
+    return load_recipe("grokking")
 
 
 @pytest.fixture(scope="module")
 def study(grokking):
-    return _load("grokking_study")
+    return load_recipe("grokking_study")
 
 
 def _env():

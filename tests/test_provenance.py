@@ -1,25 +1,19 @@
 """results.json's provenance: the git commit and dirtiness of the checkout, the run's argv, the seeds."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
 
+from _recipe_module import load_recipe
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "recipes" / "configs" / "offline_tiny.yaml")
 
 
 def _noisy_dpo():
-    recipes = ROOT / "recipes"
-    if str(recipes) not in sys.path:
-        sys.path.insert(0, str(recipes))
-    spec = importlib.util.spec_from_file_location("noisy_dpo", recipes / "noisy_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["noisy_dpo"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("noisy_dpo")
 
 
 def test_results_carry_commit_argv_and_seed(tmp_path, monkeypatch):

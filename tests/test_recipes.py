@@ -1,6 +1,5 @@
 """The recipes: noisy_dpo.py end to end, every config parses, compare.py's report and its math, a 2-process launch."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from _recipe_module import load_recipe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -17,25 +17,15 @@ CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 TINY = str(RECIPES / "configs" / "offline_tiny.yaml")
 
 
-def _load(name):
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def noisy_dpo():
-    return _load("noisy_dpo")
+    return load_recipe("noisy_dpo")
 
 
 @pytest.fixture(scope="module")
 def compare():
-    _load("noisy_dpo")
-    return _load("compare")
+    load_recipe("noisy_dpo")
+    return load_recipe("compare")
 
 
 @pytest.fixture(autouse=True)

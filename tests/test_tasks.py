@@ -1,11 +1,10 @@
 """hf_snr.tasks: the arithmetic preference task (determinism, disjoint splits, true labels) and its recipe path."""
 
-import importlib.util
 import math
 import pathlib
-import sys
 
 import pytest
+from _recipe_module import load_recipe
 
 from hf_snr.tasks import answer_of, make_arithmetic_dataset, parse_question, wrong_answers
 
@@ -67,14 +66,7 @@ def test_standard_format_and_bad_input():
 
 @pytest.fixture(scope="module")
 def noisy_dpo():
-    recipes = ROOT / "recipes"
-    if str(recipes) not in sys.path:
-        sys.path.insert(0, str(recipes))
-    spec = importlib.util.spec_from_file_location("noisy_dpo", recipes / "noisy_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["noisy_dpo"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("noisy_dpo")
 
 
 def test_recipe_loads_it_and_swaps_30_percent(noisy_dpo, tmp_path, monkeypatch):
