@@ -71,7 +71,10 @@ DRIFT = "eval_rewards/drift"
 FLIPPED_FIT = "noise/flipped_fit"
 CLEAN_FIT = "noise/clean_fit"
 MASK = "snr/mask_mean"
-CURVES = {"accuracy": ACC, "drift": DRIFT, "flipped_fit": FLIPPED_FIT, "clean_fit": CLEAN_FIT, "mask_mean": MASK}
+TASK_ACC = "eval_pref/policy_accuracy"  # the policy's own preference on the clean eval pairs (SNRDPOTrainer)
+REF_TASK_ACC = "eval_pref/reference_accuracy"  # the reference's (constant on a fixed eval set)
+CURVES = {"accuracy": ACC, "drift": DRIFT, "flipped_fit": FLIPPED_FIT, "clean_fit": CLEAN_FIT, "mask_mean": MASK,
+          "task_accuracy": TASK_ACC, "reference_task_accuracy": REF_TASK_ACC}
 
 
 # -- summary math (pure functions, unit-tested on hand-made curves) ------------------------------------
@@ -132,6 +135,9 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
     * ``drift``: the last clean-eval reward drift, mean |beta log(pi/pi_ref)| over chosen and rejected.
     * ``flipped_fit`` / ``clean_fit``: the last logged share of swapped / unswapped training pairs the
       policy prefers as labelled (swapped: memorized noise; 0.5 = chance).
+    * ``task_acc`` / ``reference_task_acc``: the policy's / the reference's own task accuracy at the last
+      evaluation (``pref/policy_accuracy`` / ``pref/reference_accuracy``: the share of clean eval pairs on which
+      the model gives the chosen completion the higher log-probability); nan for runs that did not log it.
     * ``mask_mean``: mean of the logged SNR gate mean over the same late window (absent for AdamW,
       whose gate is 1 by definition).
     * ``step_s``: training seconds per optimizer step (the Trainer's train_runtime / its steps: no data
@@ -151,6 +157,8 @@ def run_summary(log_history: list[dict[str, Any]], thresholds: Sequence[float], 
         "drift": last(curves["drift"]),
         "flipped_fit": last(curves["flipped_fit"]),
         "clean_fit": last(curves["clean_fit"]),
+        "task_acc": last(curves["task_accuracy"]),
+        "reference_task_acc": last(curves["reference_task_accuracy"]),
         "mask_mean": statistics.fmean(late_mask) if late_mask else math.nan,
         "step_s": _step_seconds(log_history),
         **{f"agreement_{k}": _mean_of(log_history, f"snr/agreement_{k}") for k in ("kept", "kept_clean",
@@ -546,7 +554,8 @@ def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run],
         s = run_summary(res["log_history"], thresholds, from_fraction, res.get("wall_time_s"), res.get("cpu_time_s"))
         arm = arms.setdefault(run.arm, {"meta": run.meta, "noise_rate": run.noise_rate, "seeds": {}})
         arm["seeds"][run.seed] = s
-    scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "drift", "flipped_fit", "clean_fit", "mask_mean",
+    scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "task_acc", "reference_task_acc", "drift", "flipped_fit",
+                   "clean_fit", "mask_mean",
                    "step_s", "agreement_kept", "agreement_kept_clean", "agreement_kept_swapped", "wall_time_s",
                    "cpu_time_s")
     for arm in arms.values():
@@ -650,7 +659,9 @@ def best_learning_rates(summary: dict[str, Any], key: str = "sustained_acc") -> 
 def markdown(summary: dict[str, Any]) -> str:
     th = summary["thresholds"]
     frac = summary["sustained_from"]
+    has_task = any(arm["stats"]["task_acc"]["n"] for arm in summary["arms"].values())
     head = ["arm", "optim", "lr", "noise", "final acc", "peak acc", "sustained acc"]
+    head += ["task acc (reference)"] if has_task else []
     head += [f"first step ≥ {t:g}" for t in th]
     has_rec = bool(summary.get("recovered"))
     has_agree = any(arm["stats"].get("agreement_kept", {}).get("n") for arm in summary["arms"].values())
@@ -667,6 +678,9 @@ def markdown(summary: dict[str, Any]) -> str:
         lr = meta.get("lr")
         row = [label, str(meta.get("optim") or ""), "" if lr is None else f"{float(lr):g}", f"{arm['noise_rate']:g}",
                _cell(st["final_acc"]), _cell(st["peak_acc"]), _cell(st["sustained_acc"])]
+        if has_task:
+            row += [f"{_cell(st['task_acc'])} ({st['reference_task_acc']['mean']:.3f})"
+                    if st["task_acc"]["n"] else "—"]
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
         row += [_cell(st["drift"]), _cell(st["flipped_fit"])]
         row += [_cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"] if has_rec else []
@@ -677,6 +691,10 @@ def markdown(summary: dict[str, Any]) -> str:
                     if st["agreement_kept"].get("n") else "—"]
         row += [_cell(st["step_s"], 3), _cell(st["wall_time_s"], 0), _cell(st["cpu_time_s"], 0)]
         lines.append("| " + " | ".join(row) + " |")
+    task_note = ("Task acc: the share of clean evaluation pairs on which the policy itself gives the chosen "
+                 "completion the higher log-probability, last evaluation (pref/policy_accuracy; with a true answer, "
+                 "the model's accuracy on the task), and in brackets the reference model's (pref/reference_accuracy). "
+                 if has_task else "")
     lines += [
         "",
         f"Mean ± sample sd over seeds {seeds}. Accuracy: implicit-reward accuracy on the clean evaluation pairs. "
@@ -684,7 +702,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"First step ≥ t: the first evaluated step from which accuracy stays ≥ t at every later evaluation "
         f"(mean over the seeds that got there; (k/n) when only k did). Drift: mean |β log π/π_ref| over chosen and "
         f"rejected at the last evaluation. Flipped fit: share of swapped training pairs the policy prefers as "
-        f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). "
+        f"(wrongly) labelled, last log (0.5 = chance, 1 = memorized). {task_note}"
         f"Mask mean: the SNR gate's mean over the same late "
         f"window (AdamW: 1 by definition). Kept: the agreement filter's share of micro-batches kept, mean over the "
         f"logs (the first micro-batch of every step, always kept, included), and the same share weighted by the "
@@ -762,6 +780,8 @@ def plot(summary: dict[str, Any], out_dir: str) -> list[str]:
         ("flipped_fit", "flipped_fit.png", "flipped fit (swapped training pairs fitted)"),
         ("mask_mean", "mask_mean.png", "SNR mask mean"),
     ]
+    if any(s["curves"].get("task_accuracy") for arm in summary["arms"].values() for s in arm["seeds"].values()):
+        specs.append(("task_accuracy", "task_accuracy.png", "task accuracy (policy prefers the true answer)"))
     paths = []
     for curve_name, filename, ylabel in specs:
         fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -165,6 +165,11 @@ def test_run_summary_and_aggregate(compare):
     assert s["mask_mean"] == pytest.approx(0.05)  # logs at step >= 15: 0.06 and 0.04
     assert s["wall_time_s"] == 12.0
     assert math.isnan(compare.run_summary([], [0.5])["final_acc"])
+    assert math.isnan(s["task_acc"]) and math.isnan(s["reference_task_acc"])  # not logged: nan, not 0
+    log[1]["eval_pref/policy_accuracy"], log[1]["eval_pref/reference_accuracy"] = 0.55, 0.5
+    log[5]["eval_pref/policy_accuracy"], log[5]["eval_pref/reference_accuracy"] = 0.6, 0.5
+    s = compare.run_summary(log, [0.65], 0.5)
+    assert (s["task_acc"], s["reference_task_acc"]) == (0.6, 0.5)  # the last evaluation's
     agg = compare.aggregate([0.7, 0.8, float("nan"), None])
     assert agg["n"] == 2 and agg["mean"] == pytest.approx(0.75) and agg["sd"] == pytest.approx(0.0707107, rel=1e-5)
     assert compare.aggregate([0.5])["sd"] == 0.0 and compare.aggregate([])["n"] == 0
@@ -222,7 +227,13 @@ def test_compare_writes_table_json_and_plots(compare, tmp_path):
             assert math.isfinite(arm["stats"][key]["mean"]), (label, key)
     assert math.isfinite(summary["arms"]["snr"]["stats"]["mask_mean"]["mean"])
     assert summary["arms"]["adamw"]["stats"]["mask_mean"]["n"] == 0  # AdamW logs no gate
-    for name in ("accuracy.png", "drift.png", "flipped_fit.png", "mask_mean.png"):
+    # the model's own task accuracy beside the reward accuracy, and the reference's, the same for every arm
+    assert "sustained acc | task acc (reference) |" in rows[0]
+    task = {label: arm["stats"]["task_acc"]["mean"] for label, arm in summary["arms"].items()}
+    ref = {arm["stats"]["reference_task_acc"]["mean"] for arm in summary["arms"].values()}
+    assert all(0 <= v <= 1 for v in task.values()) and len(ref) == 1, (task, ref)
+    assert f"{task['snr']:.3f} ({ref.pop():.3f})" in rows[2]
+    for name in ("accuracy.png", "drift.png", "flipped_fit.png", "mask_mean.png", "task_accuracy.png"):
         data = (folder / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     assert (pathlib.Path(out) / "summary.md").read_text().count("| adamw |") == 1
