@@ -211,24 +211,36 @@ def parse_args(argv: list[str] | None = None):
     return parsed
 
 
-def provenance(script_args: NoisyDPOArguments, training_args: SNRDPOConfig) -> dict[str, Any]:
-    """Where a run's numbers come from: the code's git commit (and whether tracked files differ from it), the
-    arguments the recipe was parsed from, the process's command line, and the seeds. ``git_commit`` and
-    ``git_dirty`` are None outside a git checkout (or without git)."""
+def git_state(repo: pathlib.Path | str | None = None) -> dict[str, Any]:
+    """``{"git_commit": HEAD, "git_dirty": whether tracked files differ from it}`` of the checkout at ``repo``
+    (default: this recipe's); both None outside a git checkout (or without git)."""
     import subprocess
 
     def git(*cmd):
         try:
-            proc = subprocess.run(["git", "-C", str(_REPO), *cmd], capture_output=True, text=True, timeout=30)
+            proc = subprocess.run(["git", "-C", str(repo or _REPO), *cmd], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
         return proc.stdout if proc.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit.strip() if commit else None,
+            "git_dirty": None if status is None else bool(status.strip())}
+
+
+# The checkout's state when this module was imported: the code a run executes is the code imported then, also
+# in compare.py's forked workers (they inherit the parent's modules), however much the checkout moves on during
+# a study of several hours (e.g. finished runs committed as they come).
+_GIT_AT_IMPORT = git_state()
+
+
+def provenance(script_args: NoisyDPOArguments, training_args: SNRDPOConfig) -> dict[str, Any]:
+    """Where a run's numbers come from: the code's git commit (and whether tracked files differed from it) when
+    the training code was imported, the arguments the recipe was parsed from, the process's command line, and the
+    seeds. ``git_commit`` and ``git_dirty`` are None outside a git checkout (or without git)."""
     return {
-        "git_commit": commit.strip() if commit else None,
-        "git_dirty": None if status is None else bool(status.strip()),  # tracked files changed since the commit
+        **_GIT_AT_IMPORT,
         "argv": getattr(script_args, "_argv", None),  # what parse_args was given (compare.py: the run's own flags)
         "command": [sys.executable, *sys.argv],  # the process (under compare.py: compare.py's command line)
         "seed": training_args.seed,
