@@ -582,6 +582,11 @@ def add_recovered(summary: dict[str, Any], spec: dict[str, str] | None = None) -
     seed means of those two arms; each arm's per-seed values give its spread (the baselines' own spread is
     in their rows). Written into every arm's stats as ``recovered`` / ``recovered_sustained``; returns the
     baselines and the cost, or None when there is no clean arm.
+
+    A share of a cost that the seeds cannot tell from zero is noise divided by noise: the returned
+    ``noise_cost_<key>_se`` is the cost's standard error (the two baselines' seed sds over sqrt(n), combined) and
+    ``noise_cost_<key>_resolved`` says whether the cost exceeds two of them (None with one seed of either
+    baseline: no spread to judge by). The table shows no share for an unresolved cost.
     """
     arms = summary["arms"]
     spec = dict(spec or {})
@@ -591,8 +596,13 @@ def add_recovered(summary: dict[str, Any], spec: dict[str, str] | None = None) -
         return None
     out: dict[str, Any] = {"clean_arm": clean, "noisy_arm": noisy}
     for key, name in (("final_acc", "recovered"), ("sustained_acc", "recovered_sustained")):
-        c, n = arms[clean]["stats"][key]["mean"], arms[noisy]["stats"][key]["mean"]
+        cs, ns = arms[clean]["stats"][key], arms[noisy]["stats"][key]
+        c, n = cs["mean"], ns["mean"]
         out[f"noise_cost_{key}"] = c - n
+        se = (math.sqrt(cs["sd"] ** 2 / cs["n"] + ns["sd"] ** 2 / ns["n"]) if min(cs["n"], ns["n"]) > 1
+              else math.nan)
+        out[f"noise_cost_{key}_se"] = se
+        out[f"noise_cost_{key}_resolved"] = None if math.isnan(se) else bool(c - n > 2 * se)
         for _label, arm in arms.items():
             if arm["noise_rate"] == 0:
                 arm["stats"][name] = aggregate([])
@@ -683,7 +693,10 @@ def markdown(summary: dict[str, Any]) -> str:
                     if st["task_acc"]["n"] else "—"]
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
         row += [_cell(st["drift"]), _cell(st["flipped_fit"])]
-        row += [_cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"] if has_rec else []
+        if has_rec:
+            unresolved = summary["recovered"].get("noise_cost_final_acc_resolved") is False
+            row += ["unresolved" if unresolved and st.get("recovered", {}).get("n")
+                    else _cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"]
         row += [_cell(st["mask_mean"])]
         if has_agree:
             m = {k: st[f"agreement_{k}"]["mean"] for k in ("kept", "kept_clean", "kept_swapped")}
@@ -722,6 +735,12 @@ def markdown(summary: dict[str, Any]) -> str:
                   f"recovers, (arm − {rec['noisy_arm']}) / ({rec['clean_arm']} − {rec['noisy_arm']}), with the "
                   f"baselines' seed means (noise cost {rec['noise_cost_final_acc']:+.3f}); mean ± sd over the arm's "
                   f"seeds. 0 = noisy AdamW, 1 = clean AdamW.", ""]
+        if rec.get("noise_cost_final_acc_resolved") is False:
+            lines += [f"**Recovered is not shown (\"unresolved\"): the noise cost "
+                      f"{rec['noise_cost_final_acc']:+.3f} is within two standard errors "
+                      f"(2 × {rec['noise_cost_final_acc_se']:.3f}) of zero over these seeds, so a share of it would be "
+                      f"seed noise divided by seed noise** (summary.json keeps the numbers). Compare the arms' "
+                      f"accuracies directly.", ""]
     lines += risk_markdown(summary)
     best = best_learning_rates(summary)
     if best:

@@ -370,6 +370,38 @@ def test_recovered_share(compare):
     assert summary["arms"]["adamw"]["stats"]["recovered"]["mean"] == 0.0
     assert summary["arms"]["adamw clean"]["stats"]["recovered"]["n"] == 0
     assert summary["arms"]["snr"]["stats"]["recovered_sustained"]["mean"] == pytest.approx(0.25)
+    assert out["noise_cost_final_acc_se"] == 0.0 and out["noise_cost_final_acc_resolved"] is True
+
+
+def test_recovered_share_is_withheld_when_the_seeds_cannot_resolve_the_noise_cost(compare):
+    """Clean AdamW 0.01 above noisy AdamW with seed sds of 0.02-0.03 (SmolLM2's many-passes study): the share
+    would be seed noise over seed noise, so the table says 'unresolved' instead of a number."""
+    def arm(noise, finals):
+        seeds = {i: {"final_acc": a, "sustained_acc": a} for i, a in enumerate(finals)}
+        return {"noise_rate": noise, "meta": {}, "seeds": seeds, "first_step_above": {},
+                "stats": {k: compare.aggregate(list(finals)) for k in ("final_acc", "sustained_acc")}}
+
+    def summary_of(noisy, clean):
+        s = {"title": "t", "notes": "", "thresholds": [], "sustained_from": 0.5,
+             "arms": {"adamw": arm(0.3, noisy), "adamw clean": arm(0.0, clean), "snr": arm(0.3, [0.56, 0.57, 0.55])}}
+        for a in s["arms"].values():
+            for k in ("peak_acc", "task_acc", "reference_task_acc", "drift", "flipped_fit", "mask_mean",
+                      "agreement_kept", "step_s", "wall_time_s", "cpu_time_s"):
+                a["stats"][k] = compare.aggregate([])
+        s["recovered"] = compare.add_recovered(s)
+        return s
+
+    s = summary_of([0.48, 0.51, 0.53], [0.50, 0.52, 0.54])  # cost +0.013, se 0.019
+    assert s["recovered"]["noise_cost_final_acc_resolved"] is False
+    assert s["recovered"]["noise_cost_final_acc_se"] == pytest.approx(math.sqrt(0.000633 / 3 + 0.0004 / 3), rel=1e-2)
+    assert math.isfinite(s["arms"]["snr"]["stats"]["recovered"]["mean"])  # kept in summary.json
+    table = compare.markdown(s)
+    snr_row = next(line for line in table.splitlines() if line.startswith("| snr |"))
+    assert "| unresolved |" in snr_row and "Recovered is not shown" in table
+    s = summary_of([0.48, 0.51, 0.53], [0.70, 0.72, 0.74])  # cost +0.213: resolved, the share is shown
+    assert s["recovered"]["noise_cost_final_acc_resolved"] is True
+    table = compare.markdown(s)
+    assert "unresolved" not in table and "Recovered is not shown" not in table
 
 
 def test_risk_tracking_on_a_hand_made_log(compare):
