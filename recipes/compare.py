@@ -555,9 +555,8 @@ def summarize_comparison(name: str, comparison: dict[str, Any], runs: list[Run],
         arm = arms.setdefault(run.arm, {"meta": run.meta, "noise_rate": run.noise_rate, "seeds": {}})
         arm["seeds"][run.seed] = s
     scalar_keys = ("final_acc", "peak_acc", "sustained_acc", "task_acc", "reference_task_acc", "drift", "flipped_fit",
-                   "clean_fit", "mask_mean",
-                   "step_s", "agreement_kept", "agreement_kept_clean", "agreement_kept_swapped", "wall_time_s",
-                   "cpu_time_s")
+                   "clean_fit", "mask_mean", "step_s", "agreement_kept", "agreement_kept_clean",
+                   "agreement_kept_swapped", "wall_time_s", "cpu_time_s")
     for arm in arms.values():
         per_seed = list(arm["seeds"].values())
         arm["stats"] = {k: aggregate([s[k] for s in per_seed]) for k in scalar_keys}
@@ -674,6 +673,7 @@ def markdown(summary: dict[str, Any]) -> str:
     head += ["task acc (reference)"] if has_task else []
     head += [f"first step ≥ {t:g}" for t in th]
     has_rec = bool(summary.get("recovered"))
+    unresolved = has_rec and summary["recovered"].get("noise_cost_final_acc_resolved") is False
     has_agree = any(arm["stats"].get("agreement_kept", {}).get("n") for arm in summary["arms"].values())
     head += ["drift", "flipped fit"] + (["recovered"] if has_rec else []) + ["mask mean"]
     head += ["kept (clean / swapped)"] if has_agree else []
@@ -694,9 +694,10 @@ def markdown(summary: dict[str, Any]) -> str:
         row += [_step_cell(arm["first_step_above"][str(t)]) for t in th]
         row += [_cell(st["drift"]), _cell(st["flipped_fit"])]
         if has_rec:
-            unresolved = summary["recovered"].get("noise_cost_final_acc_resolved") is False
-            row += ["unresolved" if unresolved and st.get("recovered", {}).get("n")
-                    else _cell(st["recovered"], 2) if st.get("recovered", {}).get("n") else "—"]
+            if not st.get("recovered", {}).get("n"):
+                row += ["—"]  # a baseline at noise 0: no share
+            else:
+                row += ["unresolved" if unresolved else _cell(st["recovered"], 2)]
         row += [_cell(st["mask_mean"])]
         if has_agree:
             m = {k: st[f"agreement_{k}"]["mean"] for k in ("kept", "kept_clean", "kept_swapped")}
